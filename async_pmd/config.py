@@ -1,0 +1,440 @@
+"""The run configuration: pydantic models of `configs/*.yaml`, plus dotted CLI overrides.
+
+One `ClusterConfig` composes a section per service; each service receives only its own section.
+Every model forbids unknown keys, and every error names the dotted key (`algorithm.partition_tau`)
+so a typo fails before any actor starts. Validators only validate; nothing rewrites a sibling.
+
+The seed's keys keep the seed's names: `algorithm.adv_estimator`, `algorithm.partition_tau`,
+`algorithm.partition_reward_lb/ub`, `actor.policy_loss.loss_mode`, `actor.policy_loss.pmd_tau`,
+`actor.loss_agg_mode`; the seed's `actor_rollout_ref.actor.*` spelling is accepted as an alias.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LOSS_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean", "seq-mean-token-sum")
+
+# The seed's verl spellings, rewritten to our sections before validation (longest prefix first).
+KEY_ALIASES = (
+    ("actor_rollout_ref.rollout.val_kwargs.", "generator.val_kwargs."),
+    ("actor_rollout_ref.rollout.", "generator."),
+    ("actor_rollout_ref.actor.", "actor."),
+    ("reward_model.reward_kwargs.overlong_buffer_cfg.", "scorer.overlong_buffer."),
+    ("reward_model.reward_kwargs.", "scorer."),
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every offending dotted key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """Ray cluster to join (`auto` or `host:port`); None starts a private local Ray."""
+    num_cpus: int | None = None
+    """CPUs a local Ray advertises; None = os.cpu_count()."""
+    namespace: str = "async_pmd"
+    """Ray namespace for the named actors of one job."""
+    temp_dir: str | None = None
+    """Ray session directory; None = Ray's default."""
+
+
+class TinyModelSpec(Section):
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    max_position_embeddings: int = Field(128, ge=16)
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    path: str = "models/tiny"
+    """Local Hugging Face directory of the policy (never downloaded from a hub)."""
+    build_tiny: bool = True
+    """Build the tiny random-init model at `path` when it does not exist (demo and tests)."""
+    tiny: TinyModelSpec = TinyModelSpec()
+    """Shape of the tiny model built when `build_tiny` is on."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype for generation and training."""
+
+    @model_validator(mode="after")
+    def _path_exists(self):
+        if not self.build_tiny and not (Path(self.path) / "config.json").is_file():
+            raise ValueError(
+                f"path {self.path!r} is not a local Hugging Face model directory (no config.json); "
+                "nothing is downloaded: point model.path at a local copy, or set model.build_tiny=true"
+            )
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "jsonl", "parquet"] = "synthetic"
+    """Where prompts come from."""
+    task: Literal["add_mod10", "reverse", "gsm_tiny"] = "add_mod10"
+    """Built-in synthetic task (source=synthetic)."""
+    train_files: list[str] = []
+    """Local jsonl/parquet files (source=jsonl|parquet)."""
+    val_files: list[str] = []
+    """Validation files; empty = the synthetic task's held-out split."""
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    """Dotted key of the ground truth in a record (e.g. `reward_model.ground_truth`)."""
+    apply_chat_template: bool = True
+    """Apply the tokenizer's chat template when it has one."""
+    max_prompt_length: int = Field(32, ge=1)
+    """Prompt tokens at most."""
+    overlong_prompts: Literal["filter", "truncate", "error"] = "filter"
+    """What to do with prompts over `max_prompt_length` (counted either way)."""
+    train_batch_size: int = Field(32, ge=1)
+    """Prompts (groups) per learner step."""
+    synthetic_size: int = Field(10_000, ge=1)
+    """Prompts generated for a synthetic task's train split."""
+    shuffle: bool = True
+    seed: int = 0
+    """Seed of the synthetic data and of the per-epoch shuffle."""
+
+
+class AutoscalingSpec(Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(3.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class SGLangSpec(Section):
+    tp_size: int = Field(1, ge=1)
+    dp_size: int = Field(1, ge=1)
+    mem_fraction_static: float = Field(0.8, gt=0, le=1)
+    extra: dict[str, Any] = {}
+    """Further `sglang.Engine` keyword arguments, passed through unchanged."""
+
+
+class ValKwargs(Section):
+    n: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    do_sample: bool = False
+
+
+class GeneratorConfig(Section):
+    engine: Literal["torch", "sglang"] = "torch"
+    """Inference engine: `torch` (CPU default) or `sglang` (GPU; `pip install 'async-pmd[sglang]'`)."""
+    num_replicas: int = Field(1, ge=1)
+    """Fixed replica count (ignored when `autoscaling` is set)."""
+    autoscaling: AutoscalingSpec | None = None
+    """Serve autoscaling of generator replicas; None = fixed `num_replicas`."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs each replica reserves (its torch threads match)."""
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(4, ge=1)
+    n: int = Field(8, ge=1)
+    """Responses per prompt (the group size)."""
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)
+    """0 or -1 = off."""
+    response_length: int = Field(8, ge=1)
+    """Max new tokens per response."""
+    prompts_per_request: int = Field(8, ge=1)
+    """Prompts batched into one generation request."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """A request not answered by then is re-issued."""
+    graceful_shutdown_timeout_s: float = Field(30.0, gt=0)
+    """How long a replica being scaled down may drain its in-flight requests."""
+    val_kwargs: ValKwargs = ValKwargs()
+    sglang: SGLangSpec = SGLangSpec()
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_installed(cls, engine):
+        import importlib.util
+
+        if engine == "sglang" and importlib.util.find_spec("sglang") is None:
+            raise ValueError(
+                "engine 'sglang' is not installed here; on a GPU machine run "
+                "`pip install 'async-pmd[sglang]'`, or set generator.engine=torch"
+            )
+        return engine
+
+
+class OverlongBuffer(Section):
+    enable: bool = False
+    len: int = Field(0, ge=0)
+    """Tokens before the maximum where the linear penalty starts."""
+    penalty_factor: float = Field(1.0, ge=0)
+
+
+class ScorerConfig(Section):
+    reward_fn: str = "synthetic"
+    """Built-in name, `package.module:function`, or `path/to/file.py:function`."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Per-call limit of one reward function call."""
+    on_failure: Literal["zero", "drop_group"] = "zero"
+    """A failed reward (raised, timed out, non-finite, wrong type): score 0, or drop its group."""
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.1, gt=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    overlong_buffer: OverlongBuffer = OverlongBuffer()
+    max_resp_len: int | None = Field(None, ge=1)
+    """Response length the overlong penalty counts to; None = generator.response_length."""
+
+
+class AlgorithmConfig(Section):
+    adv_estimator: str = "ploo"
+    """Advantage estimator by registry name: `ploo` (PMD-partition), `rloo` (PMD-mean), `partition`, `grpo`."""
+    partition_tau: float = Field(1.0, gt=0)
+    """τ of the partition baseline and weights."""
+    partition_reward_lb: float | None = None
+    """Keep a group only if its mean reward is > lb (None = unbounded)."""
+    partition_reward_ub: float | None = None
+    """Keep a group only if its mean reward is < ub (None = unbounded)."""
+    use_is: bool = False
+    """Importance weights exp((r - max)/τ) / mean within the group, on top of the band filter."""
+    norm_adv_by_std_in_grpo: bool = True
+
+    @model_validator(mode="after")
+    def _band(self):
+        lb, ub = self.partition_reward_lb, self.partition_reward_ub
+        if lb is not None and ub is not None and lb >= ub:
+            raise ValueError(f"partition_reward_lb ({lb}) must be < partition_reward_ub ({ub})")
+        return self
+
+
+class PolicyLossConfig(Section):
+    loss_mode: str = "opmd"
+    """Policy loss by registry name: `opmd` (PMD) or `vanilla` (PPO-clip, the GRPO baseline)."""
+    pmd_tau: float = Field(1.0, gt=0)
+    """PMD regularisation τ of the opmd loss, usually equal to `algorithm.partition_tau`."""
+    clip_ratio: float = Field(0.2, gt=0)
+    clip_ratio_low: float | None = Field(None, gt=0)
+    clip_ratio_high: float | None = Field(None, gt=0)
+
+
+class ActorConfig(Section):
+    policy_loss: PolicyLossConfig = PolicyLossConfig()
+    loss_agg_mode: Literal[LOSS_AGG_MODES] = "seq-mean-token-mean"  # type: ignore[valid-type]
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, gt=0)
+    ppo_mini_batch_size: int | None = Field(None, ge=1)
+    """Prompts per optimizer step; None = the whole train batch (one step per batch)."""
+    ppo_epochs: int = Field(1, ge=1)
+    recompute_old_log_prob: bool = False
+    """Recompute π_old on the learner instead of the generator's sampling log-probs (bypass mode)."""
+    reset_optimizer_states_freq: int = Field(0, ge=0)
+    """Reset optimizer state every k learner steps (0 = never)."""
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1)
+    """DeepSpeed ranks (Ray actors in one placement group)."""
+    num_cpus_per_rank: float = Field(1.0, gt=0)
+    num_gpus_per_rank: float = Field(0.0, ge=0)
+    zero_stage: int = Field(2, ge=0, le=3)
+    master_port: int | None = Field(None, ge=1024, le=65535)
+    """Rendezvous port of the process group; None = a free port."""
+
+
+class BufferConfig(Section):
+    max_staleness: int = Field(1, ge=0)
+    """Drop groups produced more than this many learner steps ago; 0 = synchronous."""
+    capacity_groups: int = Field(256, ge=1)
+    """Groups (complete or waiting) the GroupBuffer holds before it pushes back on the driver."""
+
+
+class WeightSyncConfig(Section):
+    interval: int = Field(1, ge=1)
+    """Publish weights to the generators every k learner steps."""
+    max_bytes: int = Field(8 * 2**30, ge=1)
+    """Largest weights message accepted."""
+
+
+class MetricsConfig(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Address of the metrics listener; loopback by default."""
+    export_port: int = Field(8080, ge=1024, le=65535)
+    """Ray's metrics export port (Prometheus scrapes it)."""
+
+
+class CheckpointConfig(Section):
+    max_to_keep: int = Field(2, ge=1)
+    export_hf: bool = True
+    """Export the final policy as a Hugging Face directory."""
+
+
+class TrainerConfig(Section):
+    project_name: str = "async_pmd"
+    experiment_name: str = "demo"
+    output_dir: str = "runs"
+    total_steps: int = Field(100, ge=1)
+    """Learner steps."""
+    total_minutes: float | None = Field(None, gt=0)
+    """Stop (checkpoint first) after this wall time."""
+    save_freq: int = Field(50, ge=0)
+    """Checkpoint every k steps (0 = only at the end)."""
+    resume: str = "disable"
+    """`disable`, `auto` (latest checkpoint of this experiment), or a checkpoint path."""
+    test_freq: int = Field(0, ge=0)
+    val_before_train: bool = False
+    seed: int = 0
+    max_wire_bytes: int = Field(256 * 2**20, ge=1024)
+    """Largest rollout/train batch message accepted at any boundary."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.experiment_name
+
+
+class DriverConfig(Section):
+    max_inflight_requests: int = Field(4, ge=1)
+    """Generation requests in flight at once (backpressure bound)."""
+    max_attempts: int = Field(3, ge=1)
+    """Times one request is issued before its groups count as failed."""
+
+
+class ClusterConfig(Section):
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    scorer: ScorerConfig = ScorerConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    actor: ActorConfig = ActorConfig()
+    learner: LearnerConfig = LearnerConfig()
+    buffer: BufferConfig = BufferConfig()
+    driver: DriverConfig = DriverConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _registered_names(self):
+        import async_pmd.algos as algos  # registration happens on import
+
+        if self.algorithm.adv_estimator not in algos.list_adv_estimators():
+            raise ValueError(
+                f"algorithm.adv_estimator: unknown {self.algorithm.adv_estimator!r}; "
+                f"registered: {algos.list_adv_estimators()}"
+            )
+        if self.actor.policy_loss.loss_mode not in algos.list_policy_losses():
+            raise ValueError(
+                f"actor.policy_loss.loss_mode: unknown {self.actor.policy_loss.loss_mode!r}; "
+                f"registered: {algos.list_policy_losses()}"
+            )
+        if self.actor.ppo_mini_batch_size and self.data.train_batch_size % self.actor.ppo_mini_batch_size:
+            raise ValueError("actor.ppo_mini_batch_size must divide data.train_batch_size")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {key}: {e['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def canonical_key(key: str) -> str:
+    """`+actor_rollout_ref.actor.policy_loss.pmd_tau` -> `actor.policy_loss.pmd_tau`."""
+    key = key.lstrip("+")
+    for old, new in KEY_ALIASES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`+a.b.c=value` -> (`a.b.c` with aliases resolved, the YAML-typed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    raw_key, raw_value = item.split("=", 1)
+    key = canonical_key(raw_key.strip())
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: value {raw_value!r} is not valid YAML: {exc}") from None
+    return key, value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """tree[a][b][c] = value for key `a.b.c`, creating sections on the way."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section (cannot set {key})")
+    node[parts[-1]] = value
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
+    """Validate a config tree plus overrides; raises ConfigError naming the dotted keys."""
+    resolved: dict = {}
+    # Flattening then re-nesting resolves the seed's verl spellings written inside a YAML file too.
+    for key, value in _flatten(copy.deepcopy(tree or {})):
+        set_dotted(resolved, canonical_key(str(key)), value)
+    for item in overrides:
+        set_dotted(resolved, *parse_override(item))
+    tree = resolved
+    try:
+        return ClusterConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
+    """Read a YAML config file, apply `key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return build_config(tree, overrides)
+
+
+def dump_config(cfg: ClusterConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (written next to a run's metrics at launch)."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,1 @@
+"""The long-lived actors of async-pmd, one per file, each thin over `async_pmd/`."""

@@ -1,0 +1,110 @@
+"""Config contract: the seed's keys under the seed's names, unknown keys refused, errors name the dotted key."""
+
+from pathlib import Path
+
+import pytest
+
+from async_pmd.config import (
+    ActorConfig,
+    AlgorithmConfig,
+    ConfigError,
+    build_config,
+    canonical_key,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_configs_validate():
+    """Every config under configs/ that runs on CPU loads as it is."""
+    cfg = load_config(REPO / "configs" / "cluster.yaml")
+    assert cfg.algorithm.adv_estimator == "ploo"
+    assert cfg.actor.policy_loss.loss_mode == "opmd"
+    assert cfg.metrics.host == "127.0.0.1"
+
+
+def test_seed_launch_overrides_verbatim():
+    """The seed's launch line works on our loader: `+` ignored, actor_rollout_ref.actor.* aliased."""
+    cfg = build_config(
+        {},
+        [
+            "algorithm.adv_estimator=rloo",
+            "+algorithm.partition_tau=0.01",
+            "actor_rollout_ref.actor.policy_loss.loss_mode=opmd",
+            "+actor_rollout_ref.actor.policy_loss.pmd_tau=0.01",
+            "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm",
+        ],
+    )
+    assert cfg.algorithm.adv_estimator == "rloo"
+    assert cfg.algorithm.partition_tau == 0.01
+    assert cfg.actor.policy_loss.pmd_tau == 0.01
+    assert cfg.actor.loss_agg_mode == "seq-mean-token-sum-norm"
+
+
+def test_override_values_are_yaml_typed():
+    cfg = build_config({}, ["algorithm.partition_reward_lb=null", "algorithm.partition_reward_ub=0.9",
+                            "data.train_files=[a.jsonl, b.jsonl]", "buffer.max_staleness=0"])
+    assert cfg.algorithm.partition_reward_lb is None
+    assert cfg.algorithm.partition_reward_ub == 0.9
+    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+    assert cfg.buffer.max_staleness == 0
+
+
+def test_seed_spelling_inside_yaml_tree():
+    cfg = build_config({"actor_rollout_ref": {"actor": {"policy_loss": {"pmd_tau": 0.5}}}})
+    assert cfg.actor.policy_loss.pmd_tau == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["algorithm.partition_tua=1"], "algorithm.partition_tua"),
+        (["algorithm.partition_tau=0"], "algorithm.partition_tau"),
+        (["actor.policy_loss.pmd_tau=-1"], "actor.policy_loss.pmd_tau"),
+        (["actor.loss_agg_mode=token-sum"], "actor.loss_agg_mode"),
+        (["generator.n=many"], "generator.n"),
+        (["algorithm.partition_reward_lb=0.5", "algorithm.partition_reward_ub=0.5"], "partition_reward_lb"),
+        (["algorithm.adv_estimator=nope"], "algorithm.adv_estimator"),
+        (["actor.policy_loss.loss_mode=nope"], "actor.policy_loss.loss_mode"),
+        (["model.build_tiny=false", "model.path=/nonexistent/model"], "model"),
+        (["bogus.key=1"], "bogus"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        build_config({}, overrides)
+    assert key in str(err.value)
+
+
+def test_sglang_without_sglang_installed_says_how():
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("sglang is installed here")
+    with pytest.raises(ConfigError, match=r"generator.engine.*async-pmd\[sglang\]"):
+        build_config({}, ["generator.engine=sglang"])
+
+
+def test_malformed_override_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="not key=value"):
+        build_config({}, ["algorithm.partition_tau"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not sections\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_sections_constructible_by_keyword():
+    """AlgorithmConfig and ActorConfig build from keywords alone; policy_loss also takes a dict."""
+    algo = AlgorithmConfig(partition_tau=0.1)
+    actor = ActorConfig(policy_loss={"loss_mode": "opmd", "pmd_tau": 0.1})
+    assert algo.adv_estimator == "ploo" and actor.policy_loss.pmd_tau == 0.1
+
+
+def test_canonical_key():
+    assert canonical_key("+actor_rollout_ref.actor.policy_loss.pmd_tau") == "actor.policy_loss.pmd_tau"
+    assert canonical_key("actor_rollout_ref.rollout.val_kwargs.n") == "generator.val_kwargs.n"
+    assert canonical_key("reward_model.reward_kwargs.max_resp_len") == "scorer.max_resp_len"
