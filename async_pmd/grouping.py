@@ -1,0 +1,271 @@
+"""The GroupBuffer's pure logic: hold complete scored groups, account for every uid, build TrainBatches.
+
+    ScoredBatch (scorer) --put--> GroupStore --take--> TrainBatch (learner)
+
+A group is the n responses to one prompt (`uid`). `put` classifies each arriving group exactly once
+(duplicate / malformed / failed / filtered / held); `take` drops held groups that grew too stale,
+then pops the oldest ones and turns them into one padded TrainBatch with advantages and partition
+weights from `async_pmd.algos`. No Ray here: `services/buffer.py` wraps this in an actor, awaits
+`room()` before `put` (backpressure), and forwards `drain_resolved()` to the driver's ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from itertools import islice
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+
+from async_pmd.algos import compute_wpmd_weight, get_adv_estimator_fn, group_band_mask
+from async_pmd.wire import ScoredBatch, ScoredGroup, TrainBatch
+
+if TYPE_CHECKING:
+    from async_pmd.config import AlgorithmConfig
+
+OUTCOMES = ("trained", "filtered", "stale", "failed", "duplicate", "malformed")
+_PUT_OUTCOMES = ("duplicate", "malformed", "failed", "filtered")  # what `put` decides (besides `held`)
+STATE_VERSION = 1
+
+
+class BufferFull(RuntimeError):
+    """`put` would hold more groups than there is room for; nothing was changed."""
+
+
+def _pad(flat: np.ndarray, lengths: np.ndarray, width: int, *, left: bool, fill, dtype) -> np.ndarray:
+    """Ragged rows (flat values [Σ lengths], lengths [N]) -> [N, width], by one flat-index scatter."""
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    cols = np.arange(len(flat)) - starts[rows]
+    if left:
+        cols += (width - lengths)[rows]
+    out = np.full((len(lengths), width), fill, dtype)
+    out[rows, cols] = flat
+    return out
+
+
+def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
+    return float((x * mask).sum() / max(mask.sum(), 1.0))
+
+
+class GroupStore:
+    """Held complete groups in arrival order (FIFO) and the accounting of every uid.
+
+    Invariants: a uid is classified once (a second arrival counts `duplicate` and is dropped);
+    `len(held) <= capacity_groups`; every arrival is exactly one of held / trained / filtered /
+    stale / failed / duplicate / malformed, so Σ counters (held included) == arrivals.
+    Held groups carry their effective rewards: 0 for a failed response under on_failure="zero"
+    and for a zero-length response (no token to credit), so the band filter at `put` and the
+    advantages at `take` see the same scores.
+    """
+
+    def __init__(self, *, group_size: int, algorithm: AlgorithmConfig, max_staleness: int,
+                 capacity_groups: int, on_failure: Literal["zero", "drop_group"], pad_token_id: int):
+        if group_size < 1 or capacity_groups < 1 or max_staleness < 0 or pad_token_id < 0:
+            raise ValueError("need group_size >= 1, capacity_groups >= 1, max_staleness >= 0, "
+                             "pad_token_id >= 0")
+        if on_failure not in ("zero", "drop_group"):
+            raise ValueError(f"on_failure must be 'zero' or 'drop_group', got {on_failure!r}")
+        self.group_size, self.algorithm, self.max_staleness = group_size, algorithm, max_staleness
+        self.capacity_groups, self.on_failure, self.pad_token_id = capacity_groups, on_failure, pad_token_id
+        self._estimator = get_adv_estimator_fn(algorithm.adv_estimator)  # fail at build, not at step 1
+        self._held: OrderedDict[str, ScoredGroup] = OrderedDict()
+        self._seen: set[str] = set()  # every uid ever classified, held ones included
+        self._resolved: list[str] = []  # classified for good, not yet drained by the driver
+        self._counts = dict.fromkeys(OUTCOMES, 0)
+
+    # ------------------------------------------------------------------ protocol
+
+    def room(self) -> int:
+        """Groups `put` may still hold."""
+        return self.capacity_groups - len(self._held)
+
+    def put(self, batch: ScoredBatch) -> dict[str, int]:
+        """Classify and hold the batch's groups; returns this call's counts by outcome (and `held`).
+
+        All or nothing: raises BufferFull, changing nothing, if the groups to hold exceed `room()`.
+        """
+        outcome, candidates, uids = {}, [], set()
+        for g in batch.groups:
+            if g.uid in self._seen or g.uid in uids:
+                outcome.setdefault("duplicate", []).append(g)
+                continue  # a re-issued request that completed twice: first arrival wins
+            uids.add(g.uid)
+            if g.n != self.group_size:
+                outcome.setdefault("malformed", []).append(g)
+            elif (rewards := self._effective_rewards(g)) is None:
+                outcome.setdefault("failed", []).append(g)
+            else:
+                candidates.append((g, rewards))
+        keep = self._band(np.stack([r for _, r in candidates])) if candidates else np.zeros(0, bool)
+        outcome["filtered"] = [g for (g, _), k in zip(candidates, keep) if not k]
+        to_hold = [dataclasses.replace(g, rewards=r) for (g, r), k in zip(candidates, keep) if k]
+        if len(to_hold) > self.room():
+            raise BufferFull(f"{len(to_hold)} groups to hold, room for {self.room()} "
+                             f"(capacity {self.capacity_groups})")
+
+        # Commit: nothing above touched state.
+        self._seen |= uids
+        for name in ("malformed", "failed", "filtered"):  # duplicates were resolved at first arrival
+            self._resolve(name, [g.uid for g in outcome.get(name, ())])
+        self._counts["duplicate"] += len(outcome.get("duplicate", ()))
+        self._held.update((g.uid, g) for g in to_hold)
+        counts = {name: len(outcome.get(name, ())) for name in _PUT_OUTCOMES}
+        return {**counts, "held": len(to_hold)}
+
+    def take(self, num_groups: int, learner_step: int) -> tuple[TrainBatch | None, dict]:
+        """Drop stale groups, then pop the oldest `num_groups` as a TrainBatch of B = num_groups·n rows.
+
+        Returns (None, {}) while fewer than `num_groups` fresh groups are held.
+        """
+        if not 1 <= num_groups <= self.capacity_groups:
+            raise ValueError(f"num_groups must be in [1, capacity_groups={self.capacity_groups}], "
+                             f"got {num_groups}")
+        stale = [u for u, g in self._held.items() if learner_step - g.policy_version > self.max_staleness]
+        for uid in stale:
+            del self._held[uid]
+        self._resolve("stale", stale)
+        if len(self._held) < num_groups:
+            return None, {}
+        groups = list(islice(self._held.values(), num_groups))
+        batch, metrics = self._build(groups, learner_step)  # before popping: a raise loses nothing
+        for g in groups:
+            del self._held[g.uid]
+        self._resolve("trained", [g.uid for g in groups])
+        metrics["groups/stale_dropped"] = float(len(stale))
+        metrics["groups/held_after"] = float(len(self._held))
+        return batch, metrics
+
+    def drain_resolved(self) -> list[str]:
+        """Uids resolved for good (trained / filtered / stale / failed / malformed) since the last call."""
+        out, self._resolved = self._resolved, []
+        return out
+
+    def held_uids(self) -> list[str]:
+        """Held uids, oldest first."""
+        return list(self._held)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Groups by outcome since the start (or the loaded state), plus `held` now."""
+        return {**self._counts, "held": len(self._held)}
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """JSON-native counters and resolved uids. Held groups are not saved: their uids stay
+        unseen, so the driver's re-issue of them after a resume is accepted, not a duplicate."""
+        return {"version": STATE_VERSION, "counters": dict(self._counts),
+                "seen": sorted(self._seen - self._held.keys()), "pending_resolved": list(self._resolved)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` output into a store that holds nothing; ValueError on a bad state."""
+        if self._held:
+            raise ValueError("load_state_dict needs an empty store (it holds groups)")
+        if not isinstance(state, dict) or set(state) != {"version", "counters", "seen", "pending_resolved"}:
+            raise ValueError("GroupStore state: expected keys version, counters, seen, pending_resolved")
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"GroupStore state: version {state['version']!r}, "
+                             f"this code reads {STATE_VERSION}")
+        counters = state["counters"]
+        if not isinstance(counters, dict) or set(counters) != set(OUTCOMES) or \
+                not all(type(v) is int and v >= 0 for v in counters.values()):
+            raise ValueError(f"GroupStore state: counters must map exactly {OUTCOMES} to ints >= 0")
+        for key in ("seen", "pending_resolved"):
+            if not isinstance(state[key], list) or not all(isinstance(u, str) for u in state[key]):
+                raise ValueError(f"GroupStore state: {key} must be a list of str uids")
+        if not set(state["pending_resolved"]) <= set(state["seen"]):
+            raise ValueError("GroupStore state: pending_resolved has uids not in seen")
+        self._counts, self._seen = dict(counters), set(state["seen"])
+        self._resolved = list(state["pending_resolved"])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _resolve(self, outcome: str, uids: list[str]) -> None:
+        self._counts[outcome] += len(uids)
+        self._resolved += uids
+
+    def _effective_rewards(self, g: ScoredGroup) -> np.ndarray | None:
+        """float32[n] rewards to train on, or None if the group fails under the failure policy."""
+        failed = np.array([s != "ok" for s in g.reward_status], bool)
+        if failed.any() and self.on_failure == "drop_group":
+            return None
+        rewards = np.where(failed, np.float32(0), np.asarray(g.rewards, np.float32))
+        if not np.isfinite(rewards).all():
+            return None  # a NaN on an "ok" response: the scorer broke its contract
+        return np.where(g.response_lengths > 0, rewards, np.float32(0))
+
+    def _band(self, rewards: np.ndarray) -> np.ndarray:
+        """rewards [G, n] -> bool [G]: group mean in the open interval (lb, ub), one vectorised call."""
+        lb, ub = self.algorithm.partition_reward_lb, self.algorithm.partition_reward_ub
+        if lb is None and ub is None:
+            return np.ones(len(rewards), bool)
+        index = np.repeat(np.arange(len(rewards)), rewards.shape[1])
+        rows = group_band_mask(torch.from_numpy(rewards.reshape(-1)), index, lb, ub).numpy()
+        return rows.reshape(rewards.shape)[:, 0]
+
+    def _build(self, groups: list[ScoredGroup], learner_step: int) -> tuple[TrainBatch, dict]:
+        """G groups -> a TrainBatch of B = G·n rows (group-major) and its metrics."""
+        n = self.group_size
+        uids = [g.uid for g in groups for _ in range(n)]
+        layout = self._layout(groups)
+        rewards, r_len, mask_np = layout.pop("rewards"), layout.pop("lengths"), layout["response_mask"]
+
+        # Each response's reward on its last token (zero-length rows already carry reward 0).
+        token_rewards = np.zeros(mask_np.shape, np.float32)
+        has = np.flatnonzero(r_len > 0)
+        token_rewards[has, r_len[has] - 1] = rewards[has]
+        index = np.array(uids)
+        tlr, mask = torch.from_numpy(token_rewards), torch.from_numpy(mask_np)
+        advantages, _ = self._estimator(tlr, mask, index, self.algorithm)
+        weights = compute_wpmd_weight(tlr, mask, index, self.algorithm, use_is=self.algorithm.use_is)
+
+        versions = np.repeat(np.array([g.policy_version for g in groups], np.int64), n)
+        batch = TrainBatch(**layout, advantages=advantages.float().numpy(),
+                           partition_weights=weights.float().numpy(), rewards=rewards,
+                           policy_versions=versions, uids=uids, learner_step=int(learner_step))
+        finish = [f for g in groups for f in g.finish_reasons]
+        return batch, self._metrics(batch, r_len, learner_step - versions, finish)
+
+    def _layout(self, groups: list[ScoredGroup]) -> dict[str, np.ndarray]:
+        """Padded token arrays of the groups' B rows, plus flat `rewards` [B] and `lengths` [B]."""
+        row_group = np.repeat(np.arange(len(groups)), self.group_size)  # [B] row -> group
+
+        # Prompts: left-padded once per group, then repeated n times.  [G, P] -> [B, P]
+        p_len = np.array([len(g.prompt_ids) for g in groups], np.int64)
+        p_flat = np.concatenate([g.prompt_ids for g in groups])
+        pad_p = dict(lengths=p_len, width=max(int(p_len.max()), 1), left=True)
+        prompts = _pad(p_flat, **pad_p, fill=self.pad_token_id, dtype=np.int32)[row_group]
+        prompt_mask = _pad(np.ones(len(p_flat), np.int8), **pad_p, fill=0, dtype=np.int8)[row_group]
+
+        # Responses: right-padded.  [B, R]; R >= 1 so the learner never sees a zero-width batch.
+        r_ids = [r for g in groups for r in g.response_ids]
+        r_len = np.array([len(r) for r in r_ids], np.int64)
+        pad_r = dict(lengths=r_len, width=max(int(r_len.max()), 1), left=False)
+        lp_flat = np.concatenate([lp for g in groups for lp in g.logprobs])
+        response_mask = _pad(np.ones(int(r_len.sum()), np.float32), **pad_r, fill=0.0, dtype=np.float32)
+        return {
+            "prompts": prompts,
+            "responses": _pad(np.concatenate(r_ids), **pad_r, fill=self.pad_token_id, dtype=np.int32),
+            "response_mask": response_mask,
+            "attention_mask": np.concatenate([prompt_mask, response_mask.astype(np.int8)], axis=1),
+            "old_log_probs": _pad(lp_flat, **pad_r, fill=0.0, dtype=np.float32),
+            "rewards": np.concatenate([g.rewards for g in groups]).astype(np.float32),
+            "lengths": r_len,
+        }
+
+    @staticmethod
+    def _metrics(batch: TrainBatch, r_len: np.ndarray, staleness: np.ndarray, finish: list[str]) -> dict:
+        rewards, mask = batch.rewards, batch.response_mask
+        return {
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "reward/max": float(rewards.max()), "reward/min": float(rewards.min()),
+            "staleness/mean": float(staleness.mean()), "staleness/max": float(staleness.max()),
+            "response_length/mean": float(r_len.mean()),
+            "response_length/clip_ratio": sum(f == "length" for f in finish) / len(finish),
+            "adv/mean": _masked_mean(batch.advantages, mask),
+            "adv/abs_mean": _masked_mean(np.abs(batch.advantages), mask),
+            "partition_weight/mean": _masked_mean(batch.partition_weights, mask),
+        }
