@@ -346,6 +346,20 @@ class ClusterConfig(Section):
                 f"actor.policy_loss.loss_mode: unknown {self.actor.policy_loss.loss_mode!r}; "
                 f"registered: {algos.list_policy_losses()}"
             )
+        if self.actor.policy_loss.loss_mode == "opmd" and self.actor.loss_agg_mode not in (
+                "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+            raise ValueError(
+                f"actor.loss_agg_mode: opmd takes seq-mean-token-mean or seq-mean-token-sum-norm, "
+                f"got {self.actor.loss_agg_mode!r}"
+            )
+        if self.buffer.max_staleness < self.weight_sync.interval - 1:
+            raise ValueError(
+                f"buffer.max_staleness ({self.buffer.max_staleness}) must be >= weight_sync.interval - 1 "
+                f"({self.weight_sync.interval - 1}): generators only see every interval-th version"
+            )
+        if self.buffer.capacity_groups < self.data.train_batch_size + self.generator.prompts_per_request:
+            raise ValueError("buffer.capacity_groups must hold a train batch plus one request "
+                             "(data.train_batch_size + generator.prompts_per_request)")
         if self.actor.ppo_mini_batch_size and self.data.train_batch_size % self.actor.ppo_mini_batch_size:
             raise ValueError("actor.ppo_mini_batch_size must divide data.train_batch_size")
         return self

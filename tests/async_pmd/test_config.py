@@ -108,3 +108,17 @@ def test_canonical_key():
     assert canonical_key("+actor_rollout_ref.actor.policy_loss.pmd_tau") == "actor.policy_loss.pmd_tau"
     assert canonical_key("actor_rollout_ref.rollout.val_kwargs.n") == "generator.val_kwargs.n"
     assert canonical_key("reward_model.reward_kwargs.max_resp_len") == "scorer.max_resp_len"
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["actor.loss_agg_mode=token-mean"], "actor.loss_agg_mode"),
+        (["weight_sync.interval=3", "buffer.max_staleness=1"], "buffer.max_staleness"),
+        (["buffer.capacity_groups=8"], "buffer.capacity_groups"),
+    ],
+)
+def test_cross_section_rules_name_the_key(overrides, key):
+    """Rules spanning sections fail at load time, not at the first learner step."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config({}, overrides)

@@ -1,0 +1,70 @@
+"""The algorithms: advantage estimators, weighted-PMD weights, policy losses, and their registries.
+
+Importing this package registers the built-ins (`ploo`, `rloo`, `partition`, `grpo`; `opmd`,
+`vanilla`), so every process that resolves a name from the config imports it first.
+"""
+
+from async_pmd.algos import advantages, losses, weights  # noqa: F401  (registration on import)
+from async_pmd.algos.advantages import (
+    compute_grpo_advantage,
+    compute_partition_advantage,
+    compute_ploo_advantage,
+    compute_rloo_advantage,
+    group_ids,
+    log_mean_exp_baseline,
+    loo_log_mean_exp_baseline,
+    partition_tau,
+    sequence_scores,
+)
+from async_pmd.algos.losses import (
+    LOSS_AGG_MODES,
+    OPMD_AGG_MODES,
+    agg_loss,
+    compute_policy_loss_opmd,
+    compute_policy_loss_vanilla,
+    entropy_from_logits,
+    masked_mean,
+    pmd_tau,
+)
+from async_pmd.algos.registry import (
+    ADV_ESTIMATORS,
+    POLICY_LOSSES,
+    get_adv_estimator_fn,
+    get_policy_loss_fn,
+    list_adv_estimators,
+    list_policy_losses,
+    register_adv_est,
+    register_policy_loss,
+)
+from async_pmd.algos.weights import compute_wpmd_weight, group_band_mask, group_importance_weights
+
+__all__ = [
+    "ADV_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "OPMD_AGG_MODES",
+    "POLICY_LOSSES",
+    "agg_loss",
+    "compute_grpo_advantage",
+    "compute_partition_advantage",
+    "compute_ploo_advantage",
+    "compute_policy_loss_opmd",
+    "compute_policy_loss_vanilla",
+    "compute_rloo_advantage",
+    "compute_wpmd_weight",
+    "entropy_from_logits",
+    "get_adv_estimator_fn",
+    "get_policy_loss_fn",
+    "group_band_mask",
+    "group_ids",
+    "group_importance_weights",
+    "list_adv_estimators",
+    "list_policy_losses",
+    "log_mean_exp_baseline",
+    "loo_log_mean_exp_baseline",
+    "masked_mean",
+    "partition_tau",
+    "pmd_tau",
+    "register_adv_est",
+    "register_policy_loss",
+    "sequence_scores",
+]

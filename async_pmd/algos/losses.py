@@ -1,0 +1,193 @@
+"""Policy losses `opmd` (online policy mirror descent) and `vanilla` (verl's PPO-clip), and helpers.
+
+Shared signature: `fn(old_log_prob [B,T], log_prob [B,T], advantages [B,T], response_mask [B,T],
+loss_agg_mode="seq-mean-token-mean", config=None, partition_weights=None [B,T]) -> (loss, metrics)`.
+`old_log_prob` is the behaviour policy's per-token log-prob (the generator's, "bypass mode"),
+`log_prob` carries the gradient, `config` is an `ActorConfig` (None for defaults), metrics are
+floats named `actor/<metric>`. Padding positions (mask 0) never reach the loss, even if they
+hold inf/NaN, and a row with an empty mask contributes 0 rather than NaN.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from async_pmd.algos.registry import register_policy_loss
+
+if TYPE_CHECKING:
+    from async_pmd.config import ActorConfig
+
+# Defaults of PolicyLossConfig, used when a loss is called with config=None.
+DEFAULT_PMD_TAU = 1.0
+DEFAULT_CLIP_RATIO = 0.2
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+OPMD_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOG_RATIO_CLAMP = 20.0  # verl clamps log π_θ − log π_old before exp so a stale sample cannot overflow
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over mask (over `dim`, or everything); 0 where the mask is empty."""
+    mask = mask.to(x.dtype)
+    x = torch.where(mask > 0, x, 0.0)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1e-8)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1e-8)
+
+
+def masked_row_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t x[b,t]·mask[b,t] -> [B]; padding values (even inf/NaN) are dropped, not multiplied."""
+    mask = mask.to(x.dtype)
+    return (torch.where(mask > 0, x, 0.0) * mask).sum(dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last axis: [B,T,V] -> [B,T]."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def check_loss_agg_mode(loss_agg_mode: str, allowed: tuple[str, ...] = LOSS_AGG_MODES, who: str = "agg_loss"):
+    """ValueError naming the allowed modes unless `loss_agg_mode` is one of them."""
+    if loss_agg_mode not in allowed:
+        raise ValueError(f"{who}: unknown loss_agg_mode {loss_agg_mode!r}; allowed: {list(allowed)}")
+
+
+def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
+    """Reduce a per-token loss [B,T] to a scalar, as verl's `agg_loss` does.
+
+    token-mean: Σ loss / Σ mask. seq-mean-token-sum: mean_b Σ_t loss. seq-mean-token-mean:
+    mean_b (Σ_t loss / L_b), L_b clamped at 1 so an empty row adds 0. seq-mean-token-sum-norm
+    (Dr. GRPO): Σ_b Σ_t loss / T, with T = loss_mask.shape[-1] — a SUM over rows, as in verl.
+    """
+    check_loss_agg_mode(loss_agg_mode)
+    if loss_agg_mode == "token-mean":
+        return masked_mean(loss_mat, loss_mask)
+    row_sums = masked_row_sum(loss_mat, loss_mask)
+    if loss_agg_mode == "seq-mean-token-sum":
+        return row_sums.mean()
+    if loss_agg_mode == "seq-mean-token-mean":
+        return (row_sums / loss_mask.to(row_sums.dtype).sum(dim=-1).clamp(min=1)).mean()
+    return row_sums.sum() / loss_mask.shape[-1]  # seq-mean-token-sum-norm
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # bf16 log-probs lose the small differences the loss is made of; never go below float32.
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    # One device->host copy for all metrics instead of one sync per `.item()`.
+    values = torch.stack([v.detach().to(torch.float64) for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
+
+
+def pmd_tau(config: ActorConfig | None) -> float:
+    """τ of the opmd loss: `config.policy_loss.pmd_tau` (1.0 for None); ValueError if ≤ 0."""
+    tau = DEFAULT_PMD_TAU if config is None else float(config.policy_loss.pmd_tau)
+    if not tau > 0:
+        raise ValueError(f"actor.policy_loss.pmd_tau must be > 0, got {tau}")
+    return tau
+
+
+def clip_ratios(config: ActorConfig | None) -> tuple[float, float]:
+    """(low, high) PPO clip ratios; each defaults to `clip_ratio` when unset."""
+    if config is None:
+        return DEFAULT_CLIP_RATIO, DEFAULT_CLIP_RATIO
+    pl = config.policy_loss
+    low = pl.clip_ratio if pl.clip_ratio_low is None else pl.clip_ratio_low
+    high = pl.clip_ratio if pl.clip_ratio_high is None else pl.clip_ratio_high
+    return float(low), float(high)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@register_policy_loss("opmd")
+def compute_policy_loss_opmd(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: ActorConfig | None = None,
+    partition_weights=None,
+):
+    """Online PMD, the sequence-level squared loss of Kimi K1.5 Eq. (3) (arXiv:2501.12599).
+
+    Per response: s_i = Σ_t (log π_θ − log π_old), a_i = mean token advantage, w_i = mean token
+    partition weight (1 without weights), L_i = mask length (≥ 1), ℓ_i = ½ τ w_i (a_i/τ − s_i)².
+    seq-mean-token-mean: mean_i ℓ_i / L_i; seq-mean-token-sum-norm: mean_i ℓ_i / T (T = mask
+    width; a MEAN over rows, as in the seed, unlike verl's agg_loss). Other modes: ValueError.
+
+    Metrics: `actor/pmd_kl` = mean_i(−s_i), the k1 estimate of the sequence-level
+    KL(π_old ‖ π_θ) in nats per response (unbiased because responses were sampled from π_old);
+    `actor/ppo_kl` = mean_i(−s_i / L_i), the seed's per-token figure; `actor/pg_clipfrac` = 0.
+    """
+    check_loss_agg_mode(loss_agg_mode, OPMD_AGG_MODES, who="opmd")
+    tau = pmd_tau(config)
+    dtype = _compute_dtype(log_prob)
+    length = response_mask.to(dtype).sum(dim=-1).clamp(min=1)  # [B]
+    seq_log_ratio = masked_row_sum(log_prob.to(dtype) - old_log_prob.to(dtype), response_mask)  # [B]
+    seq_adv = masked_row_sum(advantages.to(dtype), response_mask) / length  # [B]
+    if partition_weights is None:
+        seq_weight = torch.ones_like(seq_adv)
+    else:
+        seq_weight = masked_row_sum(partition_weights.to(dtype), response_mask) / length
+
+    seq_loss = 0.5 * tau * seq_weight * (seq_adv / tau - seq_log_ratio) ** 2  # [B]
+    if loss_agg_mode == "seq-mean-token-mean":
+        loss = (seq_loss / length).mean()
+    else:
+        loss = seq_loss.mean() / response_mask.shape[-1]
+
+    metrics = _to_floats({
+        "actor/pg_loss": loss,
+        "actor/pmd_kl": (-seq_log_ratio).mean(),
+        "actor/ppo_kl": (-seq_log_ratio / length).mean(),
+        "actor/seq_log_ratio_mean": seq_log_ratio.mean(),
+        "actor/partition_weight_mean": seq_weight.mean(),
+        "actor/pg_clipfrac": torch.zeros((), dtype=dtype),
+    })
+    return loss, metrics
+
+
+@register_policy_loss("vanilla")
+def compute_policy_loss_vanilla(
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: ActorConfig | None = None,
+    partition_weights=None,
+):
+    """verl's PPO-clip: per token max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), ρ = exp(log π_θ − log π_old).
+
+    No dual clip (verl's clip_ratio_c). Given `partition_weights`, the per-token loss is multiplied
+    by them before `agg_loss`, so dropped groups (weight 0) contribute nothing. Metrics:
+    `actor/pg_clipfrac` (share of tokens where the clipped branch is taken), `actor/ppo_kl`
+    (token mean of log π_old − log π_θ), `actor/pg_loss`.
+    """
+    check_loss_agg_mode(loss_agg_mode, who="vanilla")
+    low, high = clip_ratios(config)
+    dtype = _compute_dtype(log_prob)
+    adv = advantages.to(dtype)
+    log_ratio = (log_prob.to(dtype) - old_log_prob.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - low, 1.0 + high)
+    pg_losses = torch.maximum(unclipped, clipped)  # [B,T]
+    if partition_weights is not None:
+        pg_losses = pg_losses * partition_weights.to(dtype)
+    loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
+
+    metrics = _to_floats({
+        "actor/pg_loss": loss,
+        "actor/pg_clipfrac": masked_mean((clipped > unclipped).to(dtype), response_mask),
+        "actor/ppo_kl": masked_mean(-log_ratio, response_mask),
+    })
+    return loss, metrics
