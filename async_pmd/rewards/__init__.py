@@ -1,0 +1,34 @@
+"""Reward functions and the runner that applies them to a group of responses.
+
+    fn = load_reward_fn("synthetic")                # or "pkg.mod:fn", "path/to/file.py:fn"
+    runner = RewardRunner(fn, timeout_s=5.0, on_failure="zero")
+    rewards, statuses, extras = runner.score_group(prompt, responses, answer, extra)
+"""
+
+from async_pmd.rewards.builtin import (
+    BUILTIN_REWARDS,
+    RewardFn,
+    add_mod10_reward,
+    exact_match,
+    gsm_tiny_reward,
+    math_reward,
+    reverse_reward,
+    synthetic_reward,
+)
+from async_pmd.rewards.custom import load_reward_fn
+from async_pmd.rewards.runner import OnFailure, RewardRunner, overlong_penalty
+
+__all__ = [
+    "BUILTIN_REWARDS",
+    "OnFailure",
+    "RewardFn",
+    "RewardRunner",
+    "add_mod10_reward",
+    "exact_match",
+    "gsm_tiny_reward",
+    "load_reward_fn",
+    "math_reward",
+    "overlong_penalty",
+    "reverse_reward",
+    "synthetic_reward",
+]

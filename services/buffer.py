@@ -1,0 +1,104 @@
+"""GroupBuffer: scored groups in, train batches out.
+
+Takes `ScoredBatch` bytes from the RolloutDriver's chains (scorer → buffer), holds complete groups,
+and hands the learner loop `TrainBatch` bytes of `data.train_batch_size` groups, with advantages
+(the configured estimator) and partition weights (band filter, optional IS) computed vectorised
+over the batch. Groups older than `buffer.max_staleness` learner steps are dropped and counted.
+Bounded: a `put` that would overflow `buffer.capacity_groups` waits for a `take` (backpressure on
+the driver) instead of growing. All the logic is `async_pmd.grouping.GroupStore`; this shell adds
+the waiting and the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import ray
+
+from async_pmd import wire
+from async_pmd.config import AlgorithmConfig, BufferConfig
+from async_pmd.grouping import BufferFull, GroupStore
+
+logger = logging.getLogger(__name__)
+
+BUFFER_NAME = "group_buffer"
+
+
+@ray.remote(num_cpus=0)
+class GroupBuffer:
+    """Owns the GroupStore. One event loop, so store calls never interleave mid-update."""
+
+    def __init__(self, *, algorithm: dict, buffer: dict, group_size: int, on_failure: str,
+                 pad_token_id: int, max_wire_bytes: int):
+        buffer_cfg = BufferConfig(**buffer)
+        self._store = GroupStore(
+            group_size=group_size, algorithm=AlgorithmConfig(**algorithm),
+            max_staleness=buffer_cfg.max_staleness, capacity_groups=buffer_cfg.capacity_groups,
+            on_failure=on_failure, pad_token_id=pad_token_id,
+        )
+        self._max_wire_bytes = max_wire_bytes
+        # Notified whenever groups arrive or leave: wakes a waiting take and a waiting put.
+        self._changed = asyncio.Condition()
+        self._steps_taken = 0
+        self._refused = 0  # ScoredBatch messages refused as malformed wire bytes
+        self._put_waits = 0  # puts that had to wait for room (backpressure events)
+
+    async def put(self, scored: np.ndarray | bytes) -> dict:
+        """Commit a ScoredBatch; returns this call's counts. Malformed bytes: {"refused": 1}."""
+        try:
+            batch = wire.decode(scored, max_bytes=self._max_wire_bytes, expect=wire.ScoredBatch)
+        except wire.WireError as exc:
+            self._refused += 1
+            logger.warning("refused a scored batch: %s", exc)
+            return {"refused": 1, "error": str(exc)}
+        async with self._changed:
+            while True:
+                try:
+                    counts = self._store.put(batch)
+                    break
+                except BufferFull:
+                    self._put_waits += 1
+                    await self._changed.wait()
+            self._changed.notify_all()
+        return counts
+
+    async def take(self, num_groups: int, learner_step: int, timeout_s: float) -> tuple[np.ndarray | None, dict]:
+        """TrainBatch bytes of `num_groups` groups for `learner_step`, or (None, {}) on timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        async with self._changed:
+            while True:
+                batch, metrics = self._store.take(num_groups, learner_step)
+                if batch is not None:
+                    break
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    return None, {}
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+            self._steps_taken = learner_step + 1
+            self._changed.notify_all()
+        return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
+
+    def poll(self) -> dict:
+        """The driver's view, read atomically: settled uids since the last poll and the counts."""
+        return {"resolved": self._store.drain_resolved(), "steps_taken": self._steps_taken,
+                **self.status()}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def status(self) -> dict:
+        return {**self._store.counters, "refused": self._refused, "put_waits": self._put_waits,
+                "steps_taken": self._steps_taken}
+
+    def state_dict(self) -> dict:
+        return {"store": self._store.state_dict(), "steps_taken": self._steps_taken,
+                "refused": self._refused}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._store.load_state_dict(state["store"])
+        self._steps_taken = int(state["steps_taken"])
+        self._refused = int(state.get("refused", 0))

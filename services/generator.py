@@ -1,0 +1,118 @@
+"""Generator: a Ray Serve deployment of inference-engine replicas (torch on CPU, SGLang on GPU).
+
+Takes `GenerationRequest` bytes from the RolloutDriver and returns `RolloutBatch` bytes (one
+group of `n` responses per prompt, each tagged with the policy version that sampled it; the
+sampling log-probs are π_old of the PMD loss). Weights flow by pull: a replica loads the newest
+published weights in `__init__` (so a replica added by scaling is current before Serve routes to
+it) and checks the WeightStore's version before each batch, loading newer weights between
+batches, never during one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import numpy as np
+import ray
+from ray import serve
+
+from async_pmd import wire
+from async_pmd.config import GeneratorConfig
+from async_pmd.engines import SamplingParams, create_engine
+from async_pmd.models import load_tokenizer
+from services.weights import STORE_NAME
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "generator"
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """One replica: an engine, its tokenizer (for response texts), and a handle on the store."""
+
+    def __init__(self, *, generator: dict, model_path: str, dtype: str, max_prompt_length: int,
+                 namespace: str, max_weight_bytes: int, max_wire_bytes: int):
+        self._cfg = GeneratorConfig(**generator)
+        self._max_weight_bytes = max_weight_bytes
+        self._max_wire_bytes = max_wire_bytes
+        self._tokenizer = load_tokenizer(model_path)
+        engine_kwargs = {"dtype": dtype, "max_prompt_length": max_prompt_length}
+        if self._cfg.engine == "torch":
+            engine_kwargs["num_threads"] = max(1, int(self._cfg.num_cpus))
+        else:
+            engine_kwargs.update(self._cfg.sglang.model_dump())
+        self._engine = create_engine(self._cfg.engine, model_path, tokenizer=self._tokenizer, **engine_kwargs)
+        self._store = ray.get_actor(STORE_NAME, namespace=namespace)
+        # One batch on the engine at a time, and weight loads only between batches.
+        self._engine_lock = asyncio.Lock()
+        self._stats = {"requests": 0, "responses": 0, "tokens": 0, "weight_pulls": 0,
+                       "weight_pull_s": 0.0, "generate_s": 0.0}
+        version, refs = ray.get(self._store.latest.remote())
+        if refs:
+            self._load(version, ray.get(refs[0]))
+
+    async def generate(self, request: bytes | np.ndarray) -> np.ndarray:
+        """RolloutBatch bytes for one GenerationRequest."""
+        req = wire.decode(request, max_bytes=self._max_wire_bytes, expect=wire.GenerationRequest)
+        params = self._sampling(req.sampling)
+        async with self._engine_lock:
+            await self._pull_newer_weights()
+            start = time.perf_counter()
+            outputs = await asyncio.to_thread(
+                self._engine.generate, [p.tolist() for p in req.prompt_ids], params)
+            self._stats["generate_s"] += time.perf_counter() - start
+        batch = wire.RolloutBatch(groups=[
+            self._group(req, i, outs) for i, outs in enumerate(outputs)])
+        self._stats["requests"] += 1
+        return wire.encode_array(batch, max_bytes=self._max_wire_bytes)
+
+    def policy_version(self) -> int:
+        return self._engine.version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stats(self) -> dict:
+        return {**self._stats, "pid": os.getpid(), "policy_version": self._engine.version}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _sampling(self, overrides: dict) -> SamplingParams:
+        cfg = self._cfg
+        base = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                "max_new_tokens": cfg.response_length, "n": cfg.n}
+        return SamplingParams(**{**base, **overrides})
+
+    def _group(self, req: wire.GenerationRequest, i: int, outs) -> wire.RolloutGroup:
+        response_ids = [np.asarray(o.token_ids, np.int32) for o in outs]
+        self._stats["responses"] += len(outs)
+        self._stats["tokens"] += sum(len(r) for r in response_ids)
+        return wire.RolloutGroup(
+            uid=req.uids[i], prompt_ids=np.asarray(req.prompt_ids[i], np.int32),
+            response_ids=response_ids,
+            logprobs=[np.asarray(o.logprobs, np.float32) for o in outs],
+            finish_reasons=[o.finish_reason for o in outs],
+            policy_version=min(o.policy_version for o in outs),
+            prompt_text=req.prompt_texts[i],
+            response_texts=self._tokenizer.batch_decode(response_ids, skip_special_tokens=True),
+            answer=req.answers[i], sample_index=req.sample_indices[i], extra=dict(req.extras[i]),
+        )
+
+    async def _pull_newer_weights(self) -> None:
+        version = await self._store.version.remote()
+        if version <= self._engine.version:
+            return
+        version, refs = await self._store.latest.remote()
+        if refs:
+            self._load(version, await refs[0])
+
+    def _load(self, version: int, payload: np.ndarray) -> None:
+        start = time.perf_counter()
+        msg = wire.decode(payload, max_bytes=self._max_weight_bytes, expect=wire.NamedTensors)
+        self._engine.update_weights(msg.to_torch(), version)
+        self._stats["weight_pulls"] += 1
+        self._stats["weight_pull_s"] += time.perf_counter() - start

@@ -1,0 +1,151 @@
+"""Learner: DeepSpeed ranks as Ray actors in one placement group, applying the PMD update.
+
+`LearnerRank` is one data-parallel rank (ZeRO stage from config; gloo on CPU, NCCL on GPU). It
+takes `TrainBatch` bytes (the same object ref for every rank; each trains on its share of rows),
+and on request gathers the full weights and, on rank 0, publishes them to the WeightStore as a
+`NamedTensors` message. `LearnerGroup` owns the fan-out: every collective call is sent to all
+ranks before any result is awaited, or the ranks' rendezvous would hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from async_pmd import learner_core, wire
+from async_pmd.config import ClusterConfig
+from services.weights import STORE_NAME
+
+logger = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=0)
+class LearnerRank:
+    """Owns one DeepSpeed engine (model + optimizer shard) and the step counter it has applied."""
+
+    def __init__(self, *, config: dict, rank: int, world_size: int, master_port: int, total_steps: int):
+        self._cfg = cfg = ClusterConfig.model_validate(config)
+        self._rank, self._world_size = rank, world_size
+        learner_core.setup_deepspeed_env(rank, world_size, master_port,
+                                         use_gpu=cfg.learner.num_gpus_per_rank > 0)
+        import torch
+
+        from async_pmd.models import load_model
+
+        torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_rank)))
+        torch.manual_seed(cfg.trainer.seed)
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype)
+        mini_batches = cfg.data.train_batch_size // (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size)
+        self._engine = learner_core.init_engine(model, cfg.actor, cfg.learner, world_size, cfg.model.dtype,
+                                                total_steps * mini_batches * cfg.actor.ppo_epochs)
+        self._store = ray.get_actor(STORE_NAME, namespace=cfg.ray.namespace)
+        self._optimizer_resets = 0
+
+    def train_step(self, payload: np.ndarray) -> dict:
+        """One learner step on this rank's rows; returns the step's metrics (rank-local)."""
+        cfg = self._cfg
+        batch = wire.decode(payload, max_bytes=cfg.trainer.max_wire_bytes, expect=wire.TrainBatch)
+        metrics = learner_core.train_on_batch(self._engine, batch, cfg.actor, self._rank, self._world_size,
+                                              temperature=cfg.generator.temperature)
+        freq = cfg.actor.reset_optimizer_states_freq
+        if freq and (batch.learner_step + 1) % freq == 0:
+            learner_core.reset_optimizer_state(self._engine)
+            self._optimizer_resets += 1
+        metrics["actor/optimizer_resets"] = float(self._optimizer_resets)
+        return metrics
+
+    def publish(self, version: int) -> dict:
+        """Gather the full weights (a collective) and, on rank 0, publish them as `version`."""
+        start = time.perf_counter()
+        state = learner_core.full_state_dict(self._engine, self._cfg.learner.zero_stage)
+        gather_s = time.perf_counter() - start
+        if state is None:
+            return {}
+        msg = wire.named_tensors_to_wire(state, version)
+        payload = wire.encode_array(msg, max_bytes=self._cfg.weight_sync.max_bytes)
+        store_s = ray.get(self._store.publish.remote(version, payload))
+        return {"timing/weight_gather_s": gather_s, "timing/weight_publish_s": time.perf_counter() - start,
+                "timing/weight_store_s": store_s, "weights/bytes": float(payload.nbytes)}
+
+    def save(self, directory: str, client_state: dict) -> None:
+        learner_core.save_checkpoint(self._engine, directory, client_state)
+
+    def load(self, directory: str) -> dict:
+        return learner_core.load_checkpoint(self._engine, directory)
+
+    def export_hf(self, out_dir: str) -> str | None:
+        """Write the policy as a Hugging Face directory (rank 0; a collective under ZeRO-3)."""
+        from async_pmd.models import load_tokenizer
+
+        path = learner_core.export_hf(self._engine, self._cfg.learner.zero_stage, out_dir,
+                                      load_tokenizer(self._cfg.model.path))
+        return None if path is None else str(path)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LearnerGroup:
+    """The fan-out to `learner.num_ranks` LearnerRank actors packed in one placement group."""
+
+    def __init__(self, cfg: ClusterConfig, total_steps: int):
+        lc = cfg.learner
+        bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if lc.num_gpus_per_rank else {})}
+        self._pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
+        ray.get(self._pg.ready())
+        port = lc.master_port or free_port()
+        self.ranks = [
+            LearnerRank.options(
+                num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
+            ).remote(config=cfg.model_dump(mode="json"), rank=r, world_size=lc.num_ranks,
+                     master_port=port, total_steps=total_steps)
+            for r in range(lc.num_ranks)
+        ]
+        self.ready()
+
+    def ready(self) -> None:
+        ray.get([r.pid.remote() for r in self.ranks])
+
+    def train_step(self, payload_ref: ray.ObjectRef) -> dict:
+        """Metrics averaged over ranks."""
+        results = self._all("train_step", payload_ref)
+        keys = results[0].keys()
+        return {k: float(np.mean([r[k] for r in results])) for k in keys}
+
+    def publish(self, version: int) -> dict:
+        return self._all("publish", version)[0]
+
+    def save(self, directory: str, client_state: dict) -> None:
+        self._all("save", directory, client_state)
+
+    def load(self, directory: str) -> dict:
+        return self._all("load", directory)[0]
+
+    def export_hf(self, out_dir: str) -> str | None:
+        return self._all("export_hf", out_dir)[0]
+
+    def pids(self) -> list[int]:
+        return self._all("pid")
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r)
+        remove_placement_group(self._pg)
+
+    def _all(self, method: str, *args):
+        # Send to every rank before waiting on any: the calls are collectives.
+        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])

@@ -1,0 +1,58 @@
+"""RewardScorer: a Ray Serve deployment that scores rollout groups with the configured reward.
+
+Takes `RolloutBatch` bytes (chained straight from a generator's response by the RolloutDriver)
+and returns `ScoredBatch` bytes. A reward function that raises, hangs past `scorer.timeout_s`, or
+returns a non-number or a non-finite value gives that response the status `failed:<reason>`
+(score 0, or NaN so the GroupBuffer drops the group, per `scorer.on_failure`); it never fails the
+request. User reward code is loaded only from the path or module the config names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import numpy as np
+from ray import serve
+
+from async_pmd import wire
+from async_pmd.config import ScorerConfig
+from async_pmd.rewards import RewardRunner, load_reward_fn
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "scorer"
+
+
+@serve.deployment(name="RewardScorer")
+class RewardScorer:
+    """One replica: a RewardRunner (worker threads with per-call timeouts, failure counters)."""
+
+    def __init__(self, *, scorer: dict, response_length: int, max_wire_bytes: int):
+        cfg = ScorerConfig(**scorer)
+        overlong = cfg.overlong_buffer
+        self._runner = RewardRunner(
+            load_reward_fn(cfg.reward_fn), timeout_s=cfg.timeout_s, on_failure=cfg.on_failure,
+            overlong_buffer_len=overlong.len if overlong.enable else 0,
+            overlong_penalty_factor=overlong.penalty_factor,
+            max_resp_len=cfg.max_resp_len or response_length,
+        )
+        self._max_wire_bytes = max_wire_bytes
+
+    async def score(self, rollouts: bytes | np.ndarray) -> np.ndarray:
+        """ScoredBatch bytes for one RolloutBatch."""
+        batch = wire.decode(rollouts, max_bytes=self._max_wire_bytes, expect=wire.RolloutBatch)
+        # Reward functions are user code that may block: keep the replica's event loop free.
+        scored = await asyncio.to_thread(lambda: [self._score_group(g) for g in batch.groups])
+        return wire.encode_array(wire.ScoredBatch(groups=scored), max_bytes=self._max_wire_bytes)
+
+    def stats(self) -> dict:
+        return {"calls": self._runner.num_calls, "failures": dict(self._runner.failures),
+                "stuck_threads": self._runner.num_stuck, "pid": os.getpid()}
+
+    def _score_group(self, group: wire.RolloutGroup) -> wire.ScoredGroup:
+        rewards, statuses, extras = self._runner.score_group(
+            group.prompt_text, group.response_texts, group.answer, dict(group.extra),
+            response_lengths=[len(r) for r in group.response_ids])
+        return wire.ScoredGroup.from_rollout(group, rewards, statuses, extras)

@@ -1,0 +1,58 @@
+"""WeightStore: the newest published policy weights, as (version, object ref of wire bytes).
+
+The learner's rank 0 publishes a `NamedTensors` message every `weight_sync.interval` steps;
+generator replicas ask for the version before each batch and pull the bytes only when it moved
+(weights flow by pull, so a replica added by scaling starts on the newest weights). The store
+owns the object it re-puts, so the weights outlive a learner process that dies after publishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import ray
+
+logger = logging.getLogger(__name__)
+
+STORE_NAME = "weight_store"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class WeightStore:
+    """Owns the latest (version, ref). Invariant: the version never goes backwards."""
+
+    def __init__(self):
+        self._version = -1
+        self._ref: ray.ObjectRef | None = None
+        self._published = 0
+        self._last_publish_s = 0.0
+
+    def publish(self, version: int, payload: np.ndarray) -> float:
+        """Keep `payload` (NamedTensors wire bytes) as `version`; an old version is ignored.
+
+        Returns the seconds spent storing it. Idempotent per version, so a retried publish is
+        harmless.
+        """
+        start = time.perf_counter()
+        if version <= self._version:
+            logger.info("ignoring publish of version %d (have %d)", version, self._version)
+            return 0.0
+        self._ref = ray.put(payload)
+        self._version = version
+        self._published += 1
+        self._last_publish_s = time.perf_counter() - start
+        return self._last_publish_s
+
+    def version(self) -> int:
+        """The newest version, -1 before the first publish."""
+        return self._version
+
+    def latest(self) -> tuple[int, list[ray.ObjectRef]]:
+        """(version, [ref]); the ref travels in a list so Ray hands it over unresolved."""
+        return self._version, [self._ref] if self._ref is not None else []
+
+    def status(self) -> dict:
+        return {"version": self._version, "published": self._published,
+                "last_publish_s": self._last_publish_s}

@@ -1,0 +1,89 @@
+"""async_pmd.models: the char tokenizer, the tiny-model builder, and local-only load/save."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, whatever happens
+
+import pytest
+import torch
+
+from async_pmd import models
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return models.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def test_tokenizer_round_trips_without_inserting_spaces():
+    """Every character is one token; decode(encode(s)) == s; specials take ids 0..3."""
+    tok = models.build_char_tokenizer()
+    for text in ["3+4=", "12*3=36", "a b  c,d-e", "0"]:
+        ids = tok.encode(text)
+        assert len(ids) == len(text)
+        assert tok.decode(ids) == text
+    assert len(tok) == len(models.VOCAB) == 46
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+    assert tok.decode(tok.encode("7") + [tok.eos_token_id], skip_special_tokens=True) == "7"
+
+
+def test_tiny_model_loads_back_with_its_tokenizer(tiny_path):
+    """build_tiny_model writes a whole HF directory (safetensors + tokenizer), no temp dirs left."""
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tiny_path))
+    assert os.listdir(tiny_path.parent) == ["tiny"]
+    model = models.load_model(tiny_path)
+    tok = models.load_tokenizer(tiny_path)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and not model.training
+    assert model.config.vocab_size == len(tok)
+    assert model.config.eos_token_id == tok.eos_token_id
+    assert tok.decode(tok.encode("3+4=")) == "3+4="
+    logits = model(input_ids=torch.tensor([tok.encode("3+4=")])).logits
+    assert logits.shape == (1, 4, len(tok)) and torch.isfinite(logits).all()
+
+
+def test_tiny_model_weights_are_a_function_of_the_seed(tmp_path):
+    """Same seed → identical weights; another seed → different; the global RNG is untouched."""
+    state = torch.random.get_rng_state()
+    a = models.load_model(models.build_tiny_model(tmp_path / "a", seed=3)).state_dict()
+    b = models.load_model(models.build_tiny_model(tmp_path / "b", seed=3)).state_dict()
+    c = models.load_model(models.build_tiny_model(tmp_path / "c", seed=4)).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
+
+
+def test_ensure_tiny_model_builds_once_and_refuses_a_different_spec(tmp_path):
+    path = tmp_path / "m"
+    models.ensure_tiny_model(path, hidden_size=32, num_heads=2, num_kv_heads=1)
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    models.ensure_tiny_model(path, hidden_size=32, num_heads=2, num_kv_heads=1)
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="hidden_size=16"):
+        models.ensure_tiny_model(path, hidden_size=16)
+    with pytest.raises(TypeError, match="unknown tiny-model spec"):
+        models.ensure_tiny_model(path, hiden_size=32)
+
+
+def test_missing_model_path_raises_without_downloading(tmp_path):
+    for path in [tmp_path / "nope", tmp_path, "Qwen/Qwen2.5-0.5B"]:
+        with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+            models.load_model(path)
+        with pytest.raises(FileNotFoundError, match="local directories only"):
+            models.load_tokenizer(path)
+
+
+def test_save_model_replaces_a_model_in_place(tiny_path, tmp_path):
+    model, tok = models.load_model(tiny_path), models.load_tokenizer(tiny_path)
+    out = tmp_path / "saved"
+    models.save_model(model, tok, out)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    models.save_model(model, tok, out)
+    assert os.listdir(tmp_path) == ["saved"]
+    assert torch.equal(models.load_model(out).lm_head.weight, model.lm_head.weight)
+    assert models.load_tokenizer(out).decode(tok.encode("9-2=")) == "9-2="
+
+
+def test_tied_embeddings_option(tmp_path):
+    model = models.load_model(models.build_tiny_model(tmp_path / "tied", tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
