@@ -83,10 +83,13 @@ class GroupBuffer:
             self._changed.notify_all()
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
 
-    def poll(self) -> dict:
-        """The driver's view, read atomically: settled uids since the last poll and the counts."""
-        return {"resolved": self._store.drain_resolved(), "steps_taken": self._steps_taken,
-                **self.status()}
+    def poll(self, with_state: bool = False) -> dict:
+        """The driver's view, read atomically: settled uids since the last poll, the counts, and
+        (for a checkpoint) the state, so the driver's pending list and these counters agree."""
+        view = {"resolved": self._store.drain_resolved(), **self.status()}
+        if with_state:
+            view["state"] = self.state_dict()
+        return view
 
     # ------------------------------------------------------------------ lifecycle
 

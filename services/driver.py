@@ -117,11 +117,12 @@ class RolloutDriver:
                 "inflight_requests": len(self._tasks), **self._stats, "buffer": self._buffer_view}
 
     async def state_dict(self) -> dict:
-        """Cursor, counters and pending prompts (unsettled groups), consistent with the buffer's counters."""
-        await self._sync_with_buffer()
+        """Cursor, counters, pending prompts (unsettled groups) and the buffer's state, read together
+        so that every dispatched group is counted exactly once across a resume."""
+        buffer_state = await self._sync_with_buffer(with_state=True)
         state = self._ledger.state_dict()
         state["pending"] += [self._pending_entry(uid, p) for uid, p in self._pending]
-        return {"source": self._source.state_dict(), "ledger": state}
+        return {"source": self._source.state_dict(), "ledger": state, "buffer": buffer_state}
 
     def load_state_dict(self, state: dict) -> None:
         self._source.load_state_dict(state["source"])
@@ -129,10 +130,12 @@ class RolloutDriver:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _sync_with_buffer(self) -> None:
-        view = await self._buffer.poll.remote()
+    async def _sync_with_buffer(self, with_state: bool = False) -> dict | None:
+        view = await self._buffer.poll.remote(with_state)
         self._ledger.resolve(view.pop("resolved"))
+        state = view.pop("state", None)
         self._buffer_view = view
+        return state
 
     async def _next_request(self) -> Request | None:
         k = self._cfg.generator.prompts_per_request
