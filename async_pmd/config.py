@@ -94,7 +94,7 @@ class DataConfig(Section):
     """Dotted key of the ground truth in a record (e.g. `reward_model.ground_truth`)."""
     apply_chat_template: bool = True
     """Apply the tokenizer's chat template when it has one."""
-    max_prompt_length: int = Field(32, ge=1)
+    max_prompt_length: int = Field(96, ge=1)
     """Prompt tokens at most."""
     overlong_prompts: Literal["filter", "truncate", "error"] = "filter"
     """What to do with prompts over `max_prompt_length` (counted either way)."""

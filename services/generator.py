@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -53,7 +54,9 @@ class Generator:
                        "weight_pull_s": 0.0, "generate_s": 0.0}
         version, refs = ray.get(self._store.latest.remote())
         if refs:
-            self._load(version, ray.get(refs[0]))
+            # In a worker thread: the SGLang engine refuses blocking calls on its own loop's thread.
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(self._load, version, ray.get(refs[0])).result()
 
     async def generate(self, request: bytes | np.ndarray) -> np.ndarray:
         """RolloutBatch bytes for one GenerationRequest."""
@@ -108,7 +111,7 @@ class Generator:
             return
         version, refs = await self._store.latest.remote()
         if refs:
-            self._load(version, await refs[0])
+            await asyncio.to_thread(self._load, version, await refs[0])
 
     def _load(self, version: int, payload: np.ndarray) -> None:
         start = time.perf_counter()

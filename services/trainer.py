@@ -82,7 +82,9 @@ class Trainer:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         kwargs = dict(namespace=cfg.ray.namespace, include_dashboard=False, log_to_driver=True,
                       runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+                                                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                                # idle OpenMP threads must not spin on shared cores
+                                                "OMP_WAIT_POLICY": "PASSIVE"}})
         if cfg.ray.address:
             ray.init(address=cfg.ray.address, **kwargs)
         else:

@@ -15,12 +15,16 @@ Differences from the torch engine worth knowing:
   lock), so every response comes from one weight version. `pause(mode="abort")`, the default,
   returns in-flight requests at once with finish_reason "abort" (the caller retries them);
   "retract" / "in_place" keep them, and they then finish on the new weights.
-- Sync methods run SGLang's own event loop (`Engine.loop.run_until_complete`): call them from a
-  thread with no running loop; in async code use `async_generate`.
+- SGLang's engine lives on the event loop that was current when it was built (`Engine.loop`; in a
+  Serve replica, the replica's loop). Sync methods run their coroutine on that loop: directly when
+  it is idle, thread-safely when it runs in another thread (`asyncio.to_thread(engine.generate,
+  ...)` works); called on the loop's own thread they raise instead of deadlocking: there, use
+  `async_generate` or `to_thread`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -160,17 +164,28 @@ class SGLangEngine:
     def __init__(
         self,
         model_path: str | os.PathLike,
+        tokenizer=None,
         *,
         tp_size: int = 1,
+        dp_size: int = 1,
         mem_fraction_static: float = 0.8,
         random_seed: int = 0,
         dtype: str = "auto",
         pause_mode: PauseMode = "abort",
         max_prompt_length: int | None = None,
+        extra: Mapping[str, Any] | None = None,
         **engine_kwargs: Any,
     ):
-        """Extra `engine_kwargs` go to `sglang.Engine` (any ServerArgs field)."""
+        """`tokenizer` is accepted for symmetry with TorchEngine and unused (ids in, ids out).
+        `extra` and any other keywords go to `sglang.Engine` (ServerArgs fields). `dtype` "auto"
+        is SGLang's: fp16 for an fp32 checkpoint."""
         from async_pmd.engines import SGLANG_INSTALL_HINT
+
+        if dp_size != 1:
+            raise ValueError(
+                "SGLang 0.5.23 cannot update weights from tensors with dp_size > 1; "
+                "scale with more generator replicas instead"
+            )
 
         try:
             import sglang
@@ -185,6 +200,7 @@ class SGLangEngine:
         self._shapes = checkpoint_shapes(self._model_path)
         self._pause_request = PauseGenerationReqInput(mode=pause_mode)
         self._continue_request = ContinueGenerationReqInput()
+        self._tp_size = tp_size
         self._version = 0
         self._warned_truncation = False
         self._engine = sglang.Engine(
@@ -194,7 +210,7 @@ class SGLangEngine:
             mem_fraction_static=mem_fraction_static,
             random_seed=random_seed,
             dtype=dtype,
-            **engine_kwargs,
+            **{**dict(extra or {}), **engine_kwargs},
         )
 
     @property
@@ -204,7 +220,9 @@ class SGLangEngine:
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[GenerationOutput]]:
         input_ids, sampling = self._prepare(prompt_ids, params)
         version = self._version
-        outputs = self._engine.generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        outputs = self._run(
+            self._engine.async_generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        )
         return group_outputs(outputs, params.n, version)
 
     async def async_generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[GenerationOutput]]:
@@ -216,19 +234,34 @@ class SGLangEngine:
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> None:
         """Checked against the checkpoint's names and shapes first (nothing sent on ValueError),
-        then loaded by SGLang (which may cast dtype); its radix cache is flushed."""
+        then loaded by SGLang (which may cast dtype); its radix cache is flushed.
+
+        Builds the same request as 0.5.23's `Engine.update_weights_from_tensor` (one serialized
+        copy per TP rank), so that it can also run on a loop busy in another thread.
+        """
+        from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
+        from sglang.srt.utils import MultiprocessingSerializer
+
         incoming = {name: torch.as_tensor(t) for name, t in named_tensors.items()}
         check_named_tensors(incoming, self._shapes)
-        success, message = self._engine.update_weights_from_tensor(
-            named_tensors=list(incoming.items()), load_format=None, flush_cache=True
+        payload = MultiprocessingSerializer.serialize(list(incoming.items()))
+        request = UpdateWeightsFromTensorReqInput(
+            serialized_named_tensors=[payload] * self._tp_size,
+            load_format=None,
+            flush_cache=True,
+            weight_version=str(version),  # shows in SGLang's meta_info / metrics
         )
+        success, message = self._run(self._engine.tokenizer_manager.update_weights_from_tensor(request, None))
         if not success:
             raise RuntimeError(f"SGLang refused the weight update to version {version}: {message}")
         self._version = int(version)
 
     def update_weights_from_disk(self, model_path: str | os.PathLike, version: int) -> None:
         """Load a whole HF checkpoint directory (e.g. a learner's saved step) in place."""
-        success, message, *_ = self._engine.update_weights_from_disk(str(model_path))
+        from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput
+
+        request = UpdateWeightFromDiskReqInput(model_path=str(model_path))
+        success, message, *_ = self._run(self._engine.tokenizer_manager.update_weights_from_disk(request, None))
         if not success:
             raise RuntimeError(f"SGLang could not load {model_path}: {message}")
         self._version = int(version)
@@ -240,7 +273,7 @@ class SGLangEngine:
         self._run(self._engine.tokenizer_manager.continue_generation(self._continue_request))
 
     def flush_cache(self) -> None:
-        self._engine.flush_cache()
+        self._run(self._engine.tokenizer_manager.flush_cache())
 
     def shutdown(self) -> None:
         self._engine.shutdown()
@@ -256,4 +289,28 @@ class SGLangEngine:
         return build_requests(prompt_ids, params)
 
     def _run(self, coroutine):
-        return self._engine.loop.run_until_complete(coroutine)
+        return run_on_loop(self._engine.loop, coroutine)
+
+
+def run_on_loop(loop: asyncio.AbstractEventLoop, coroutine):
+    """Run `coroutine` on `loop` from a synchronous caller and return its result.
+
+    An idle loop runs it here; a loop running in another thread gets it thread-safely (the caller
+    blocks); the loop's own thread gets RuntimeError, since blocking there would deadlock.
+    """
+    if not loop.is_running():
+        return loop.run_until_complete(coroutine)
+    if _running_loop() is loop:
+        coroutine.close()
+        raise RuntimeError(
+            "SGLangEngine's sync methods block; on the engine's own event loop call them through "
+            "asyncio.to_thread, or use async_generate"
+        )
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -87,3 +87,24 @@ def test_save_model_replaces_a_model_in_place(tiny_path, tmp_path):
 def test_tied_embeddings_option(tmp_path):
     model = models.load_model(models.build_tiny_model(tmp_path / "tied", tie_word_embeddings=True))
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_racing_builders_leave_one_whole_model(tmp_path):
+    """Two processes (here threads) ensuring the same path: both succeed, no temp dirs remain."""
+    import threading
+
+    errors = []
+
+    def build():
+        try:
+            models.ensure_tiny_model(tmp_path / "shared", hidden_size=32, num_heads=2, num_kv_heads=1)
+        except Exception as err:  # surfaced by the assert below
+            errors.append(err)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and os.listdir(tmp_path) == ["shared"]
+    assert models.load_model(tmp_path / "shared").config.hidden_size == 32

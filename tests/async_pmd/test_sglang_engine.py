@@ -130,3 +130,24 @@ def test_sglang_engine_generates_on_gpu(tmp_path):
         assert engine.version == 1
     finally:
         engine.shutdown()
+
+
+def test_run_on_loop_from_idle_busy_and_own_threads():
+    """Sync engine calls work on an idle loop and from a worker thread; on the loop thread they raise."""
+    import asyncio
+
+    async def answer():
+        return 42
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert sg.run_on_loop(loop, answer()) == 42
+
+        async def main():
+            assert await asyncio.to_thread(sg.run_on_loop, loop, answer()) == 42
+            with pytest.raises(RuntimeError, match="asyncio.to_thread"):
+                sg.run_on_loop(loop, answer())
+
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
