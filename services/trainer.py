@@ -156,7 +156,9 @@ class Trainer:
         start = time.perf_counter()
         payload, take_metrics = self._take()
         wait_s = time.perf_counter() - start
+        train_start = time.perf_counter()
         metrics = self.learners.train_step(payload)
+        metrics["timing/train_s"] = time.perf_counter() - train_start
         self.step += 1
         sync_s = 0.0
         if self.step % self.cfg.weight_sync.interval == 0:
@@ -233,7 +235,9 @@ class Trainer:
         self.save()
         status = ray.get(self.driver.status.remote())
         self.last_metrics.update(self._accounting(status))
-        (self.run_dir / "accounting.json").write_text(json.dumps(self._accounting(status), indent=1))
+        generator = serve.get_deployment_handle("Generator", app_name=GENERATOR_APP)
+        summary = {**self._accounting(status), "generator": generator.stats.remote().result()}
+        (self.run_dir / "accounting.json").write_text(json.dumps(summary, indent=1))
         if self.cfg.checkpoint.export_hf:
             self.learners.export_hf(str(self.run_dir / "final_hf"))
 
