@@ -255,3 +255,28 @@ def test_create_engine_builds_torch_and_rejects_unknown_kinds(tiny_path, prompts
         create_engine("vllm", str(tiny_path))
     with pytest.raises(FileNotFoundError):
         create_engine("torch", str(tiny_path.parent / "missing"))
+
+
+def test_untrained_model_scores_at_chance_on_add_mod10(engine, tok):
+    """Before training, the sampled reward on `a+b=` is what the model's own probabilities predict:
+    P(answer digit, then EOS), worked out by teacher forcing, which for a random-init model is close
+    to uniform guessing over the vocabulary (1/V² ≈ 0.05%), far below the 10% of guessing a digit.
+    So the learning run's climb starts honest."""
+    from async_pmd.data import make_task
+    from async_pmd.rewards import add_mod10_reward
+
+    task = make_task("add_mod10", split="train", seed=0)
+    ids = [tok.encode(p.text) for p in task]
+    outs = engine.generate(ids, SamplingParams(n=16, max_new_tokens=4, seed=0))
+    texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in group] for group in outs]
+    sampled = np.mean([add_mod10_reward(p.text, t, p.answer, {}) for p, group in zip(task, texts) for t in group])
+    # Exact chance of reward 1 under the model: log π(digit | prompt) + log π(EOS | prompt, digit).
+    expected = np.mean([
+        np.exp(reference_logprobs(engine.model, prompt, [tok.convert_tokens_to_ids(p.answer), EOS]).sum())
+        for p, prompt in zip(task, ids)
+    ])
+    vocab = len(tok)
+    assert 0.1 / vocab**2 < expected < 10 / vocab**2
+    n = 16 * len(task)
+    assert abs(sampled - expected) <= 4 * np.sqrt(expected / n) + 2 / n  # a binomial band
+    assert sampled < 0.05
