@@ -217,7 +217,9 @@ class GroupStore:
         token_rewards = np.zeros(mask_np.shape, np.float32)
         has = np.flatnonzero(r_len > 0)
         token_rewards[has, r_len[has] - 1] = rewards[has]
-        index = np.array(uids)
+        # Rows are group-major and uids unique here, so integer ids name the same groups without
+        # the string factorisation that dominates the estimators at large B (ops/bench/bench_algos.py).
+        index = np.repeat(np.arange(len(groups)), n)
         tlr, mask = torch.from_numpy(token_rewards), torch.from_numpy(mask_np)
         advantages, _ = self._estimator(tlr, mask, index, self.algorithm)
         weights = compute_wpmd_weight(tlr, mask, index, self.algorithm, use_is=self.algorithm.use_is)
