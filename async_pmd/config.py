@@ -130,10 +130,14 @@ class SGLangSpec(Section):
 
 
 class ValKwargs(Section):
+    """Sampling of validation (verl's `rollout.val_kwargs`); the seed's 7B run: n 32, T 1.0, top_p 0.7."""
+
     n: int = Field(1, ge=1)
+    """Responses per val prompt (the n of pass@n and mean@n)."""
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     do_sample: bool = False
+    """False = greedy decoding (temperature 0), whatever `temperature` says."""
 
 
 class GeneratorConfig(Section):
@@ -161,6 +165,8 @@ class GeneratorConfig(Section):
     """A request not answered by then is re-issued."""
     graceful_shutdown_timeout_s: float = Field(30.0, gt=0)
     """How long a replica being scaled down may drain its in-flight requests."""
+    health_check_period_s: float = Field(2.0, gt=0)
+    """How often Serve checks each replica: a dead one is noticed and replaced within about this."""
     val_kwargs: ValKwargs = ValKwargs()
     sglang: SGLangSpec = SGLangSpec()
 
@@ -182,6 +188,9 @@ class OverlongBuffer(Section):
     len: int = Field(0, ge=0)
     """Tokens before the maximum where the linear penalty starts."""
     penalty_factor: float = Field(1.0, ge=0)
+    """Penalty at the maximum length (falls linearly from 0 at `max_resp_len - len`)."""
+    log: bool = False
+    """Accepted for the seed's spelling; the penalty is always in the reward extras (`overlong_reward`)."""
 
 
 class ScorerConfig(Section):
@@ -216,7 +225,8 @@ class AlgorithmConfig(Section):
     def _band(self):
         lb, ub = self.partition_reward_lb, self.partition_reward_ub
         if lb is not None and ub is not None and lb >= ub:
-            raise ValueError(f"partition_reward_lb ({lb}) must be < partition_reward_ub ({ub})")
+            raise ValueError(f"algorithm.partition_reward_lb ({lb}) must be < algorithm.partition_reward_ub ({ub}): "
+                             "the open band (lb, ub) would keep no group")
         return self
 
 
@@ -303,6 +313,8 @@ class TrainerConfig(Section):
     seed: int = 0
     max_wire_bytes: int = Field(256 * 2**20, ge=1024)
     """Largest rollout/train batch message accepted at any boundary."""
+    max_learner_restarts: int = Field(3, ge=0)
+    """Times a dead learner rank is survived by rebuilding from the last checkpoint (0 = fail the run)."""
 
     @property
     def run_dir(self) -> Path:
@@ -362,6 +374,32 @@ class ClusterConfig(Section):
                              "(data.train_batch_size + generator.prompts_per_request)")
         if self.actor.ppo_mini_batch_size and self.data.train_batch_size % self.actor.ppo_mini_batch_size:
             raise ValueError("actor.ppo_mini_batch_size must divide data.train_batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _learner_fits_machine(self):
+        # A private Ray cannot place more learner CPUs than it has: the ranks would wait forever.
+        # On a cluster (ray.address set) the cluster's resources decide, not this machine's.
+        lc = self.learner
+        cpus = self.ray.num_cpus or os.cpu_count() or 1
+        if self.ray.address is None and lc.num_ranks * lc.num_cpus_per_rank > cpus:
+            raise ValueError(
+                f"learner.num_ranks ({lc.num_ranks}) x learner.num_cpus_per_rank ({lc.num_cpus_per_rank:g}) "
+                f"needs more CPUs than the {cpus} here: lower learner.num_ranks, or join a cluster "
+                "with ray.address")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_and_overlong(self):
+        t = self.trainer
+        if (t.test_freq or t.val_before_train) and self.data.source != "synthetic" and not self.data.val_files:
+            raise ValueError("trainer.test_freq / trainer.val_before_train need data.val_files "
+                             "(a synthetic task validates on its held-out split)")
+        ob = self.scorer.overlong_buffer
+        max_len = self.scorer.max_resp_len or self.generator.response_length
+        if ob.enable and not 1 <= ob.len <= max_len:
+            raise ValueError(f"scorer.overlong_buffer.len must be in [1, {max_len}] (scorer.max_resp_len, "
+                             f"else generator.response_length) when the overlong penalty is enabled")
         return self
 
 

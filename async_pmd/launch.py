@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from async_pmd.config import ClusterConfig, ConfigError, load_config
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not cfg.ray.address:
+        # Ray reads this once, when it is imported: only then do GCS, raylet and the metrics
+        # export port of the private Ray bind 127.0.0.1 (setting it later has no effect).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from services.trainer import Trainer
 
     trainer = Trainer(cfg)

@@ -132,18 +132,25 @@ def init_engine(
     dtype: str | torch.dtype = "float32",
     total_steps: int = 1,
     config_overrides: dict[str, Any] | None = None,
+    init_method: str | None = None,
 ):
     """Wrap `model` in a DeepSpeed engine with AdamW and the lr schedule; joins the process group.
 
     `total_steps` counts optimizer steps (learner steps × mini-batches × epochs), the unit the
     schedule steps in. `config_overrides` is merged into `ds_config` one level deep (e.g.
     `{"zero_optimization": {"offload_optimizer": {...}}}`). The model is put in eval mode:
-    dropout would make π_θ differ from the generator's π_old even at θ = θ_old.
+    dropout would make π_θ differ from the generator's π_old even at θ = θ_old. `init_method`
+    None joins through MASTER_ADDR:MASTER_PORT (a TCPStore, which torch binds to every interface);
+    `file://<path>` through a file, for ranks that share one machine.
     """
     import deepspeed
 
     backend = "nccl" if _chosen_accelerator() == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)  # no-op if this process already joined
+    if init_method is None:
+        deepspeed.init_distributed(dist_backend=backend)  # no-op if this process already joined
+    else:  # a file rendezvous needs the rank and world size spelled out
+        deepspeed.init_distributed(dist_backend=backend, init_method=init_method,
+                                   rank=int(os.environ["RANK"]), world_size=world_size)
     config = _merge(ds_config(actor, learner, world_size, dtype), config_overrides or {})
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=actor.lr, betas=tuple(actor.betas), weight_decay=actor.weight_decay

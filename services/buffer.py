@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 import numpy as np
 import ray
 
-from async_pmd import wire
+from async_pmd import telemetry, wire
 from async_pmd.config import AlgorithmConfig, BufferConfig
 from async_pmd.grouping import BufferFull, GroupStore
 
@@ -44,6 +45,10 @@ class GroupBuffer:
         self._steps_taken = 0
         self._refused = 0  # ScoredBatch messages refused as malformed wire bytes
         self._put_waits = 0  # puts that had to wait for room (backpressure events)
+        # Failed reward calls by reason ("timeout", "exception:ValueError", ...) in the batches put
+        # here: one count over every scorer replica, checkpointed with the rest of the accounting.
+        self._reward_failures: Counter[str] = Counter()
+        self._metrics = telemetry.RoleMetrics("buffer")
 
     async def put(self, scored: np.ndarray | bytes) -> dict:
         """Commit a ScoredBatch; returns this call's counts. Malformed bytes: {"refused": 1}."""
@@ -62,6 +67,8 @@ class GroupBuffer:
                     self._put_waits += 1
                     await self._changed.wait()
             self._changed.notify_all()
+        self._reward_failures.update(s.removeprefix("failed:") for g in batch.groups
+                                     for s in g.reward_status if s != "ok")
         return counts
 
     async def take(self, num_groups: int, learner_step: int, timeout_s: float) -> tuple[np.ndarray | None, dict]:
@@ -81,11 +88,14 @@ class GroupBuffer:
                     pass
             self._steps_taken = learner_step + 1
             self._changed.notify_all()
+        for staleness in learner_step - batch.policy_versions[::self._store.group_size]:  # one per group
+            self._metrics.observe("staleness_steps", staleness)
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
 
     def poll(self, with_state: bool = False) -> dict:
         """The driver's view, read atomically: settled uids since the last poll, the counts, and
         (for a checkpoint) the state, so the driver's pending list and these counters agree."""
+        self._export_metrics()
         view = {"resolved": self._store.drain_resolved(), **self.status()}
         if with_state:
             view["state"] = self.state_dict()
@@ -95,13 +105,25 @@ class GroupBuffer:
 
     def status(self) -> dict:
         return {**self._store.counters, "refused": self._refused, "put_waits": self._put_waits,
-                "steps_taken": self._steps_taken}
+                "steps_taken": self._steps_taken, "reward_failures": dict(self._reward_failures)}
 
     def state_dict(self) -> dict:
         return {"store": self._store.state_dict(), "steps_taken": self._steps_taken,
-                "refused": self._refused}
+                "refused": self._refused, "reward_failures": dict(self._reward_failures)}
 
     def load_state_dict(self, state: dict) -> None:
         self._store.load_state_dict(state["store"])
         self._steps_taken = int(state["steps_taken"])
         self._refused = int(state.get("refused", 0))
+        self._reward_failures = Counter({str(k): int(v) for k, v in state.get("reward_failures", {}).items()})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _export_metrics(self) -> None:
+        if not self._metrics.due():  # the driver polls many times a second
+            return
+        counters = self._store.counters
+        self._metrics.set("groups_held", counters.pop("held"))
+        for outcome, total in counters.items():
+            self._metrics.sync({"groups_total": total}, outcome=outcome)
+        self._metrics.sync({"put_waits_total": self._put_waits})

@@ -20,7 +20,7 @@ import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
-from async_pmd import wire
+from async_pmd import telemetry, wire
 from async_pmd.config import ClusterConfig
 from async_pmd.data import Prompt, build_source, format_prompt
 from async_pmd.ledger import Ledger, Request, may_dispatch
@@ -79,11 +79,13 @@ class RolloutDriver:
         self._paused = False
         self._stats = {"requests": 0, "retries": 0, "backpressure_waits": 0, "deterministic_failures": 0}
         self._buffer_view: dict = {}
+        self._metrics = telemetry.RoleMetrics("driver")
 
     async def run(self) -> None:
         """Dispatch until `stop()`; returns when every request in flight has settled."""
         while not self._stop.is_set():
             await self._sync_with_buffer()
+            self._export_metrics()
             while not self._paused and len(self._tasks) < self._cfg.driver.max_inflight_requests:
                 request = await self._next_request()
                 if request is None:
@@ -130,6 +132,16 @@ class RolloutDriver:
 
     # ------------------------------------------------------------------ helpers
 
+    def _export_metrics(self) -> None:
+        if not self._metrics.due():  # the loop spins every _POLL_S while it waits
+            return
+        ledger = self._ledger
+        self._metrics.sync({"groups_dispatched_total": ledger.dispatched, "groups_failed_total": ledger.failed,
+                            "retries_total": self._stats["retries"],
+                            "backpressure_waits_total": self._stats["backpressure_waits"]})
+        self._metrics.set("requests_inflight", len(self._tasks))
+        self._metrics.set("groups_unsettled", len(ledger.unresolved) + len(self._pending))
+
     async def _sync_with_buffer(self, with_state: bool = False) -> dict | None:
         view = await self._buffer.poll.remote(with_state)
         self._ledger.resolve(view.pop("resolved"))
@@ -163,9 +175,13 @@ class RolloutDriver:
         while True:
             try:
                 await self._chain(request)
+                # The highest attempt that completed: 2 after a replica death means "re-issued once".
+                self._stats["max_attempt"] = max(self._stats.get("max_attempt", 0), request.attempt)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is classified and counted below
                 retry = _failure_kind(exc)
+                kind = f"failures/{type(exc).__name__}"  # e.g. RayServeException (replica died), TimeoutError
+                self._stats[kind] = self._stats.get(kind, 0) + 1
                 logger.warning("request %d attempt %d failed: %r", request.request_id, request.attempt, exc)
                 if retry is None:
                     self._stats["deterministic_failures"] += 1

@@ -20,7 +20,7 @@ import numpy as np
 import ray
 from ray import serve
 
-from async_pmd import wire
+from async_pmd import telemetry, wire
 from async_pmd.config import GeneratorConfig
 from async_pmd.engines import SamplingParams, create_engine
 from async_pmd.models import load_tokenizer
@@ -52,12 +52,17 @@ class Generator:
         self._engine_lock = asyncio.Lock()
         self._stats = {"requests": 0, "responses": 0, "tokens": 0, "weight_pulls": 0,
                        "weight_pull_s": 0.0, "generate_s": 0.0}
+        self._metrics = telemetry.RoleMetrics("generator", replica=serve.get_replica_context().replica_tag)
         version, refs = ray.get(self._store.latest.remote())
         if refs:
             # In a worker thread: the SGLang engine refuses blocking calls on its own loop's thread.
             with ThreadPoolExecutor(1) as pool:
                 pool.submit(self._load, version, ray.get(refs[0])).result()
+        self._start_version = self._engine.version  # what a replica added by scaling started on
+        self._metrics.set("up", 1)
+        self._metrics.set("policy_version", self._engine.version)
 
+    @telemetry.tracked
     async def generate(self, request: bytes | np.ndarray) -> np.ndarray:
         """RolloutBatch bytes for one GenerationRequest."""
         req = wire.decode(request, max_bytes=self._max_wire_bytes, expect=wire.GenerationRequest)
@@ -68,9 +73,11 @@ class Generator:
             outputs = await asyncio.to_thread(
                 self._engine.generate, [p.tolist() for p in req.prompt_ids], params)
             self._stats["generate_s"] += time.perf_counter() - start
+            self._metrics.observe("generate_seconds", time.perf_counter() - start)
         batch = wire.RolloutBatch(groups=[
             self._group(req, i, outs) for i, outs in enumerate(outputs)])
         self._stats["requests"] += 1
+        self._metrics.sync({"tokens_total": self._stats["tokens"], "responses_total": self._stats["responses"]})
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes)
 
     def policy_version(self) -> int:
@@ -80,7 +87,8 @@ class Generator:
         return os.getpid()
 
     def stats(self) -> dict:
-        return {**self._stats, "pid": os.getpid(), "policy_version": self._engine.version}
+        return {**self._stats, "pid": os.getpid(), "policy_version": self._engine.version,
+                "start_version": self._start_version, "busy": self._engine_lock.locked()}
 
     # ------------------------------------------------------------------ helpers
 
@@ -119,3 +127,5 @@ class Generator:
         self._engine.update_weights(msg.to_torch(), version)
         self._stats["weight_pulls"] += 1
         self._stats["weight_pull_s"] += time.perf_counter() - start
+        self._metrics.observe("weight_pull_seconds", time.perf_counter() - start)
+        self._metrics.set("policy_version", version)

@@ -12,25 +12,33 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import time
+import uuid
 
 import numpy as np
 import ray
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from async_pmd import learner_core, wire
+from async_pmd import learner_core, telemetry, wire
 from async_pmd.config import ClusterConfig
 from services.weights import STORE_NAME
 
 logger = logging.getLogger(__name__)
 
 
+class LearnerDied(RuntimeError):
+    """A learner rank's process is gone; the group is unusable (the trainer rebuilds it)."""
+
+
 @ray.remote(max_restarts=0)
 class LearnerRank:
     """Owns one DeepSpeed engine (model + optimizer shard) and the step counter it has applied."""
 
-    def __init__(self, *, config: dict, rank: int, world_size: int, master_port: int, total_steps: int):
+    def __init__(self, *, config: dict, rank: int, world_size: int, master_port: int, total_steps: int,
+                 rendezvous_file: str | None = None):
         self._cfg = cfg = ClusterConfig.model_validate(config)
         self._rank, self._world_size = rank, world_size
         learner_core.setup_deepspeed_env(rank, world_size, master_port,
@@ -44,14 +52,23 @@ class LearnerRank:
         model = load_model(cfg.model.path, dtype=cfg.model.dtype)
         mini_batches = cfg.data.train_batch_size // (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size)
         self._engine = learner_core.init_engine(model, cfg.actor, cfg.learner, world_size, cfg.model.dtype,
-                                                total_steps * mini_batches * cfg.actor.ppo_epochs)
+                                                total_steps * mini_batches * cfg.actor.ppo_epochs,
+                                                init_method=rendezvous_file and f"file://{rendezvous_file}")
         self._store = ray.get_actor(STORE_NAME, namespace=cfg.ray.namespace)
         self._optimizer_resets = 0
+        self._refused = 0  # TrainBatch messages refused as malformed wire bytes
+        self._metrics = telemetry.RoleMetrics("learner", rank=rank)
 
     def train_step(self, payload: np.ndarray) -> dict:
         """One learner step on this rank's rows; returns the step's metrics (rank-local)."""
         cfg = self._cfg
-        batch = wire.decode(payload, max_bytes=cfg.trainer.max_wire_bytes, expect=wire.TrainBatch)
+        start = time.perf_counter()
+        try:
+            batch = wire.decode(payload, max_bytes=cfg.trainer.max_wire_bytes, expect=wire.TrainBatch)
+        except wire.WireError as exc:  # refused before the engine is touched: no state changes
+            self._refused += 1
+            logger.warning("rank %d refused a train batch: %s", self._rank, exc)
+            raise
         metrics = learner_core.train_on_batch(self._engine, batch, cfg.actor, self._rank, self._world_size,
                                               temperature=cfg.generator.temperature)
         freq = cfg.actor.reset_optimizer_states_freq
@@ -59,6 +76,9 @@ class LearnerRank:
             learner_core.reset_optimizer_state(self._engine)
             self._optimizer_resets += 1
         metrics["actor/optimizer_resets"] = float(self._optimizer_resets)
+        metrics["learner/refused_batches"] = float(self._refused)
+        telemetry.record_learner_step(self._metrics, metrics, batch.rewards, batch.learner_step,
+                                      time.perf_counter() - start)
         return metrics
 
     def publish(self, version: int) -> dict:
@@ -71,6 +91,7 @@ class LearnerRank:
         msg = wire.named_tensors_to_wire(state, version)
         payload = wire.encode_array(msg, max_bytes=self._cfg.weight_sync.max_bytes)
         store_s = ray.get(self._store.publish.remote(version, payload))
+        self._metrics.observe("weight_publish_seconds", time.perf_counter() - start)
         return {"timing/weight_gather_s": gather_s, "timing/weight_publish_s": time.perf_counter() - start,
                 "timing/weight_store_s": store_s, "weights/bytes": float(payload.nbytes)}
 
@@ -107,12 +128,16 @@ class LearnerGroup:
         self._pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
         ray.get(self._pg.ready())
         port = lc.master_port or free_port()
+        # On a private Ray every rank is on this machine: rendezvous through a fresh file, so no
+        # TCPStore listens on all interfaces (torch binds it to [::]); a cluster uses the port.
+        self._rendezvous = None if cfg.ray.address else os.path.join(
+            tempfile.gettempdir(), f"async_pmd_rendezvous_{uuid.uuid4().hex}")
         self.ranks = [
             LearnerRank.options(
                 num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
             ).remote(config=cfg.model_dump(mode="json"), rank=r, world_size=lc.num_ranks,
-                     master_port=port, total_steps=total_steps)
+                     master_port=port, total_steps=total_steps, rendezvous_file=self._rendezvous)
             for r in range(lc.num_ranks)
         ]
         self.ready()
@@ -145,7 +170,19 @@ class LearnerGroup:
         for r in self.ranks:
             ray.kill(r)
         remove_placement_group(self._pg)
+        if self._rendezvous and os.path.exists(self._rendezvous):
+            os.remove(self._rendezvous)  # left behind when a rank died holding it
 
     def _all(self, method: str, *args):
         # Send to every rank before waiting on any: the calls are collectives.
-        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
+        refs = [getattr(r, method).remote(*args) for r in self.ranks]
+        try:
+            # In completion order: when one rank dies its peers may hang in the collective, so
+            # waiting on the ranks in index order could never reach the dead one.
+            pending = refs
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+            return ray.get(refs)
+        except RayActorError as exc:
+            raise LearnerDied(f"a learner rank died during {method}: {exc}") from exc

@@ -16,7 +16,7 @@ import os
 import numpy as np
 from ray import serve
 
-from async_pmd import wire
+from async_pmd import telemetry, wire
 from async_pmd.config import ScorerConfig
 from async_pmd.rewards import RewardRunner, load_reward_fn
 
@@ -39,12 +39,18 @@ class RewardScorer:
             max_resp_len=cfg.max_resp_len or response_length,
         )
         self._max_wire_bytes = max_wire_bytes
+        self._metrics = telemetry.RoleMetrics("scorer", replica=serve.get_replica_context().replica_tag)
+        self._metrics.set("up", 1)
 
+    @telemetry.tracked
     async def score(self, rollouts: bytes | np.ndarray) -> np.ndarray:
         """ScoredBatch bytes for one RolloutBatch."""
         batch = wire.decode(rollouts, max_bytes=self._max_wire_bytes, expect=wire.RolloutBatch)
         # Reward functions are user code that may block: keep the replica's event loop free.
         scored = await asyncio.to_thread(lambda: [self._score_group(g) for g in batch.groups])
+        self._metrics.sync({"responses_total": self._runner.num_calls})
+        for reason, count in dict(self._runner.failures).items():  # a copy: worker threads add to it
+            self._metrics.sync({"failures_total": count}, reason=reason)
         return wire.encode_array(wire.ScoredBatch(groups=scored), max_bytes=self._max_wire_bytes)
 
     def stats(self) -> dict:

@@ -14,6 +14,8 @@ import time
 import numpy as np
 import ray
 
+from async_pmd import telemetry
+
 logger = logging.getLogger(__name__)
 
 STORE_NAME = "weight_store"
@@ -28,6 +30,7 @@ class WeightStore:
         self._ref: ray.ObjectRef | None = None
         self._published = 0
         self._last_publish_s = 0.0
+        self._metrics = telemetry.RoleMetrics("weights")
 
     def publish(self, version: int, payload: np.ndarray) -> float:
         """Keep `payload` (NamedTensors wire bytes) as `version`; an old version is ignored.
@@ -42,6 +45,7 @@ class WeightStore:
         self._ref = ray.put(payload)
         self._version = version
         self._published += 1
+        self._metrics.set("version", version)
         self._last_publish_s = time.perf_counter() - start
         return self._last_publish_s
 

@@ -122,3 +122,45 @@ def test_cross_section_rules_name_the_key(overrides, key):
     """Rules spanning sections fail at load time, not at the first learner step."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_config({}, overrides)
+
+
+def test_seed_spelling_of_reset_and_overlong_keys():
+    """The seed's DAPO script lines load verbatim: the optimizer reset frequency, the reward
+    manager's overlong buffer (its `log` flag accepted) and max_resp_len."""
+    cfg = build_config({}, [
+        "+actor_rollout_ref.actor.reset_optimizer_states_freq=5",
+        "+reward_model.reward_kwargs.max_resp_len=8",
+        "+reward_model.reward_kwargs.overlong_buffer_cfg.enable=true",
+        "+reward_model.reward_kwargs.overlong_buffer_cfg.len=4",
+        "+reward_model.reward_kwargs.overlong_buffer_cfg.penalty_factor=0.5",
+        "+reward_model.reward_kwargs.overlong_buffer_cfg.log=false",
+    ])
+    assert cfg.actor.reset_optimizer_states_freq == 5
+    assert cfg.scorer.max_resp_len == 8
+    ob = cfg.scorer.overlong_buffer
+    assert (ob.enable, ob.len, ob.penalty_factor, ob.log) == (True, 4, 0.5, False)
+    assert build_config({}).actor.reset_optimizer_states_freq == 0  # off unless asked, as in the seed
+
+
+@pytest.mark.parametrize("overrides", [
+    ["scorer.overlong_buffer.enable=true"],  # len 0: the penalty would never apply
+    ["scorer.overlong_buffer.enable=true", "scorer.overlong_buffer.len=9", "generator.response_length=8"],
+])
+def test_an_enabled_overlong_buffer_must_fit_the_response(overrides):
+    with pytest.raises(ConfigError, match=r"scorer\.overlong_buffer\.len"):
+        build_config({}, overrides)
+
+
+def test_math_configs_validate():
+    """configs/math_tiny.yaml loads as it is; configs/gpu_dapo_math.yaml (SGLang, a 7B model on
+    disk) holds the seed's DAPO-17k settings under our keys once its engine and model are swapped
+    for ones this machine has."""
+    tiny = load_config(REPO / "configs" / "math_tiny.yaml")
+    assert (tiny.data.task, tiny.scorer.reward_fn) == ("gsm_tiny", "math")
+    assert tiny.trainer.test_freq > 0 and tiny.trainer.val_before_train
+    gpu = load_config(REPO / "configs" / "gpu_dapo_math.yaml", ["generator.engine=torch", "model.build_tiny=true"])
+    assert (gpu.algorithm.adv_estimator, gpu.algorithm.partition_tau, gpu.actor.policy_loss.pmd_tau) == ("rloo", 0.01, 0.01)
+    assert (gpu.actor.lr, gpu.data.train_batch_size, gpu.actor.ppo_mini_batch_size, gpu.generator.n) == (1e-6, 512, 32, 16)
+    val = gpu.generator.val_kwargs
+    assert (gpu.trainer.test_freq, val.n, val.do_sample, val.temperature, val.top_p) == (5, 32, True, 1.0, 0.7)
+    assert gpu.trainer.save_freq == 100 and gpu.scorer.max_resp_len == gpu.generator.response_length == 8192

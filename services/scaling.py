@@ -1,0 +1,115 @@
+"""Scaler: change the replica count of a running job's generator or scorer deployment in place.
+
+Used by `python -m async_pmd.scale` from a process that has joined the job's Ray. The count is
+set through the Serve controller's `update_deployment_replicas`, the call behind Serve's public
+REST route `POST /api/v1/applications/{app}/deployments/{dep}/scale` (which needs the dashboard;
+the embedded job runs without one). It is allowed because the trainer deploys both apps with
+`external_scaler_enabled=True` (generators: unless they autoscale). Unlike a second `serve.run`,
+it keeps the running replicas: a scale-up only adds replicas (each pulls the newest weights in
+`__init__`, before Serve routes to it), and a scale-down lets Serve remove the newest replicas
+from routing and drain their requests (`graceful_shutdown_timeout_s`) before stopping them.
+The controller method is private API of Ray 2.60 (pinned); tests/services/test_scaling.py covers it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray import serve
+from ray.serve._private.common import DeploymentID
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+from services.generator import APP_NAME as GENERATOR_APP
+from services.scorer import APP_NAME as SCORER_APP
+from services.weights import STORE_NAME
+
+# CLI role -> (Serve app, deployment)
+ROLES = {"generators": (GENERATOR_APP, "Generator"), "scorers": (SCORER_APP, "RewardScorer")}
+_POLL_S = 0.5
+
+
+class ScaleError(RuntimeError):
+    """The request cannot be carried out; the message says what to change."""
+
+
+def _controller():
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
+def deployment(role: str) -> dict:
+    """The controller's details of `role`'s deployment (Serve's `DeploymentDetails` as a dict)."""
+    app, name = ROLES[role]
+    details = ray.get(_controller().get_serve_instance_details.remote())
+    try:
+        return details["applications"][app]["deployments"][name]
+    except KeyError:
+        raise ScaleError(f"no Serve deployment {app}/{name} in this Ray: is the job running?") from None
+
+
+def replicas(role: str, with_stats: bool = True) -> list[dict]:
+    """Live replicas of `role`: replica_id, state, pid, start_time_s, and with `with_stats` the
+    replica's own `stats()` (RUNNING replicas only), oldest first."""
+    rows = [{"replica_id": r["replica_id"], "state": getattr(r["state"], "value", r["state"]), "pid": r.get("pid"),
+             "start_time_s": r["start_time_s"]} for r in deployment(role)["replicas"]]
+    if with_stats and any(r["state"] == "RUNNING" for r in rows):
+        app, name = ROLES[role]
+        stats = serve.get_deployment_handle(name, app_name=app).broadcast("stats").results(
+            timeout_s=60, return_exceptions=True)
+        by_pid = {s["pid"]: s for s in stats if isinstance(s, dict)}
+        for r in rows:
+            r["stats"] = by_pid.get(r["pid"])
+    return sorted(rows, key=lambda r: r["start_time_s"])
+
+
+def published_version(namespace: str) -> int:
+    """The WeightStore's newest version (-1 before the first publish)."""
+    return ray.get(ray.get_actor(STORE_NAME, namespace=namespace).version.remote())
+
+
+def scale(role: str, num_replicas: int, *, timeout_s: float = 120.0, allow_pending: bool = False) -> dict:
+    """Set `role`'s replica count to `num_replicas` and wait until exactly that many run.
+
+    Returns {"before": [...], "after": [...]} (see `replicas`). Raises ScaleError if the app
+    autoscales, if the cluster lacks the CPUs for the new replicas (unless `allow_pending`, e.g.
+    on a cluster whose autoscaler adds nodes), or if the count is not reached in `timeout_s`.
+    """
+    if num_replicas < 1:
+        raise ScaleError("the job needs at least 1 replica of each role")
+    app, name = ROLES[role]
+    before = replicas(role, with_stats=False)
+    if not allow_pending:
+        _check_resources(role, num_replicas - len(before))
+    try:
+        ray.get(_controller().update_deployment_replicas.remote(DeploymentID(name=name, app_name=app), num_replicas))
+    except ray.exceptions.RayTaskError as exc:
+        if "ExternalScalerDisabledError" in str(exc) or "external_scaler_enabled" in str(exc):
+            raise ScaleError(f"{role} autoscale in this job (generator.autoscaling is set): Serve sets their "
+                             "count between min_replicas and max_replicas; restart without it to scale by hand") from None
+        raise
+    _wait_for(role, num_replicas, timeout_s)
+    return {"before": before, "after": replicas(role)}
+
+
+def _check_resources(role: str, added: int) -> None:
+    if added <= 0:
+        return
+    options = deployment(role)["deployment_config"].get("ray_actor_options") or {}
+    need = added * float(options.get("num_cpus", 1.0))
+    free = ray.available_resources().get("CPU", 0.0)
+    if need > free + 1e-6:
+        raise ScaleError(
+            f"{added} more {role} need {need:g} CPUs (num_cpus {options.get('num_cpus', 1.0):g} each) and the "
+            f"job's Ray has {free:g} free: Serve would leave them pending. Start the job with more logical "
+            f"CPUs (ray.num_cpus=N) or smaller replicas (generator.num_cpus), or pass --allow-pending")
+
+
+def _wait_for(role: str, num_replicas: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = [r["state"] for r in replicas(role, with_stats=False)]
+        if len(states) == num_replicas and all(s == "RUNNING" for s in states):
+            return
+        if time.monotonic() > deadline:
+            raise ScaleError(f"{role}: {num_replicas} replicas requested, after {timeout_s:g} s: {states}")
+        time.sleep(_POLL_S)

@@ -1,0 +1,80 @@
+"""ops/bench/learning_study.py: the smoothing, the samples/seconds-to-threshold table (median and
+min over seeds, seeds that never get there counted as infinitely slow) worked out by hand, and a
+tiny real study (2 settings, 1 seed, a few steps) through the CLI."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "ops" / "bench" / "learning_study.py"
+
+_spec = importlib.util.spec_from_file_location("learning_study", SCRIPT)
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
+
+
+def fake_run(rewards, samples_per_step=256, seconds_per_step=0.1, entropy=1.0) -> dict:
+    steps = np.arange(1, len(rewards) + 1)
+    return {"step": steps, "samples": steps * float(samples_per_step), "seconds": steps * seconds_per_step,
+            "reward": np.asarray(rewards, np.float64), "entropy": np.full(len(rewards), entropy)}
+
+
+def test_smooth_is_a_trailing_mean():
+    """window 2 over 0 1 2 3: the first point alone, then pairs: 0, .5, 1.5, 2.5."""
+    np.testing.assert_allclose(study.smooth(np.array([0.0, 1, 2, 3]), 2), [0, 0.5, 1.5, 2.5])
+    np.testing.assert_allclose(study.smooth(np.array([4.0, 2]), 10), [4, 3])
+    with pytest.raises(ValueError):
+        study.smooth(np.array([1.0]), 0)
+
+
+def test_first_reaching_uses_the_smoothed_reward():
+    """Raw rewards 0 1 1 1, window 2 -> 0 .5 1 1: 0.8 is first reached at step 3 (768 samples,
+    0.3 s), although the raw reward touched 1 at step 2."""
+    run = fake_run([0, 1, 1, 1])
+    assert study.first_reaching(run, 0.8, 2) == (768.0, pytest.approx(0.3))
+    assert study.first_reaching(run, 0.8, 1) == (512.0, pytest.approx(0.2))
+    assert study.first_reaching(run, 1.5, 2) is None
+
+
+def test_summary_median_and_min_over_seeds():
+    """Three seeds reach 0.8 at steps 2, never, 4 (window 1): sorted samples 512, 1024, inf ->
+    median 1024, min 512, 2/3 reached. 0.9 only by one seed: median inf -> None, min kept."""
+    runs = {"ploo": [fake_run([0, 0.85, 0.95]), fake_run([0, 0, 0, 0]), fake_run([0, 0, 0, 0.8])]}
+    row = study.summarize(runs, window=1)["ploo"]
+    assert row["reached_0.8"] == 2 and row["seeds"] == 3 and row["steps"] == 3
+    assert row["samples_to_0.8"] == {"median": 1024.0, "min": 512.0}
+    assert row["seconds_to_0.8"]["median"] == pytest.approx(0.4)
+    assert row["reached_0.9"] == 1 and row["samples_to_0.9"] == {"median": None, "min": 768.0}
+    table = study.table_markdown(study.summarize(runs, window=1), window=1)
+    assert "| ploo + opmd (τ 1) | 3 × 3 | 1 k (1 k) [2/3] |" in table
+    assert "– (1 k) [1/3]" in table
+
+
+def test_plot_writes_a_small_png(tmp_path):
+    runs = {s: [fake_run(np.linspace(0, 0.9, 300)), fake_run(np.linspace(0, 0.8, 280))]
+            for s in ("ploo", "rloo", "grpo", "ploo_tau0.1", "ploo_tau0.01")}
+    study.plot(runs, tmp_path / "p.png", window=20, title="test")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "p.png").stat().st_size < 200_000
+
+
+@pytest.mark.slow
+def test_tiny_study_through_the_cli(tmp_path):
+    """Two settings, one seed, a few steps each: real runs of the demo config, then the plot, the
+    table and the summary; a second call finds the runs done and only redraws."""
+    args = [sys.executable, str(SCRIPT), "--steps", "3", "--seeds", "0", "--settings", "ploo", "grpo",
+            "--window", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(summary) == ["grpo", "ploo"] and all(r["steps"] == 3 for r in summary.values())
+    assert (tmp_path / "learning_study.png").stat().st_size < 200_000
+    assert "grpo + vanilla" in (tmp_path / "learning_study.md").read_text()
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done already") == 2
