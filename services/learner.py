@@ -167,9 +167,13 @@ class LearnerGroup:
         return self._all("pid")
 
     def shutdown(self) -> None:
+        """Kill the ranks and free their placement group; a second call does nothing."""
+        if self._pg is None:
+            return
         for r in self.ranks:
             ray.kill(r)
         remove_placement_group(self._pg)
+        self._pg = None
         if self._rendezvous and os.path.exists(self._rendezvous):
             os.remove(self._rendezvous)  # left behind when a rank died holding it
 

@@ -384,6 +384,8 @@ class Trainer:
             if getattr(self, "driver", None) is not None:
                 ray.get(self.driver.stop.remote())
             serve.shutdown()
+            if getattr(self, "learners", None) is not None:
+                self.learners.shutdown()  # also removes the ranks' rendezvous file
         finally:
             (self.run_dir / "ray_address").unlink(missing_ok=True)  # no job to scale any more
             ray.shutdown()

@@ -169,13 +169,10 @@ def _kill_busy_generator(trainer: Trainer, generator, done: threading.Event) -> 
 
 
 def _kill_generators_and_send_bad_wire(trainer: Trainer, seen: dict, done: threading.Event) -> None:
-    """Kill the generator replica until EFFECTIVE_KILLS kills caught work in flight (a kill
-    between two requests has nothing to re-issue), then hostile bytes into the live buffer."""
-    generator = serve.get_deployment_handle("Generator", app_name=GENERATOR_APP)
-    seen["kills"] = []
-    while sum(k["reissued"] > 0 for k in seen["kills"]) < EFFECTIVE_KILLS and len(seen["kills"]) < MAX_KILLS:
-        wait_for(lambda: trainer.step >= 4 + (seen["kills"][-1]["step"] + 2 if seen["kills"] else 0), done)
-        seen["kills"].append(_kill_busy_generator(trainer, generator, done))
+    """Once the job runs: list its listening sockets and put hostile bytes into the live buffer;
+    then kill the generator replica until EFFECTIVE_KILLS kills caught work in flight (a kill
+    between two requests has nothing to re-issue)."""
+    wait_for(lambda: trainer.step >= 2, done)
     seen["listeners"] = listening_sockets()
     buffer = ray.get_actor(BUFFER_NAME, namespace=trainer.cfg.ray.namespace)
     valid = wire.encode(scored_batch(["bad-wire-0"], trainer.cfg.generator.n))
@@ -183,6 +180,11 @@ def _kill_generators_and_send_bad_wire(trainer: Trainer, seen: dict, done: threa
                             max_bytes=2**30)
     seen["wire"] = {name: ray.get(buffer.put.remote(message))
                     for name, message in hostile(valid, kind="ScoredBatch", oversized=oversized).items()}
+    generator = serve.get_deployment_handle("Generator", app_name=GENERATOR_APP)
+    seen["kills"] = []
+    while sum(k["reissued"] > 0 for k in seen["kills"]) < EFFECTIVE_KILLS and len(seen["kills"]) < MAX_KILLS:
+        wait_for(lambda: trainer.step >= 4 + (seen["kills"][-1]["step"] + 2 if seen["kills"] else 0), done)
+        seen["kills"].append(_kill_busy_generator(trainer, generator, done))
 
 
 @pytest.fixture(scope="module")
