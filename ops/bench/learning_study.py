@@ -207,13 +207,12 @@ def table_markdown(summary: dict[str, dict], window: int) -> str:
 
 
 def _band(runs: list[dict[str, np.ndarray]], x_key: str, y_key: str, window: int, points: int = 200):
-    """Common x grid; mean, min and max over seeds of the smoothed y (NaN past a run's end)."""
-    end = max(r[x_key][-1] for r in runs)
+    """x grid up to where the shortest run ends (so every point averages every seed); mean, min
+    and max over seeds of the smoothed y."""
+    end = min(r[x_key][-1] for r in runs)
     grid = np.linspace(0.0, end, points)
-    ys = np.stack([np.where(grid <= r[x_key][-1], np.interp(grid, r[x_key], smooth(r[y_key], window)), np.nan)
-                   for r in runs])
-    with np.errstate(all="ignore"):
-        return grid, np.nanmean(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
+    ys = np.stack([np.interp(grid, r[x_key], smooth(r[y_key], window)) for r in runs])
+    return grid, ys.mean(0), ys.min(0), ys.max(0)
 
 
 def _panel(ax, runs, settings, x_key, y_key, window, labels, xscale=1.0):
