@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-LOSS_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean", "seq-mean-token-sum")
+# verl's loss aggregation modes (`actor.loss_agg_mode`); a loss may accept fewer (opmd: two).
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # The seed's verl spellings, rewritten to our sections before validation (longest prefix first).
 KEY_ALIASES = (
@@ -69,15 +70,6 @@ class ModelConfig(Section):
     """Shape of the tiny model built when `build_tiny` is on."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype for generation and training."""
-
-    @model_validator(mode="after")
-    def _path_exists(self):
-        if not self.build_tiny and not (Path(self.path) / "config.json").is_file():
-            raise ValueError(
-                f"path {self.path!r} is not a local Hugging Face model directory (no config.json); "
-                "nothing is downloaded: point model.path at a local copy, or set model.build_tiny=true"
-            )
-        return self
 
 
 class DataConfig(Section):
@@ -170,18 +162,6 @@ class GeneratorConfig(Section):
     val_kwargs: ValKwargs = ValKwargs()
     sglang: SGLangSpec = SGLangSpec()
 
-    @field_validator("engine")
-    @classmethod
-    def _engine_installed(cls, engine):
-        import importlib.util
-
-        if engine == "sglang" and importlib.util.find_spec("sglang") is None:
-            raise ValueError(
-                "engine 'sglang' is not installed here; on a GPU machine run "
-                "`pip install 'async-pmd[sglang]'`, or set generator.engine=torch"
-            )
-        return engine
-
 
 class OverlongBuffer(Section):
     enable: bool = False
@@ -198,8 +178,6 @@ class ScorerConfig(Section):
     """Built-in name, `package.module:function`, or `path/to/file.py:function`."""
     timeout_s: float = Field(5.0, gt=0)
     """Per-call limit of one reward function call."""
-    on_failure: Literal["zero", "drop_group"] = "zero"
-    """A failed reward (raised, timed out, non-finite, wrong type): score 0, or drop its group."""
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, gt=0)
     max_ongoing_requests: int = Field(8, ge=1)
@@ -273,6 +251,14 @@ class BufferConfig(Section):
     """Drop groups produced more than this many learner steps ago; 0 = synchronous."""
     capacity_groups: int = Field(256, ge=1)
     """Groups (complete or waiting) the GroupBuffer holds before it pushes back on the driver."""
+    on_reward_failure: Literal["zero", "drop_group"] = "zero"
+    """A group with a failed reward (raised, timed out, non-finite, wrong type): train it with
+    that response scored 0, or drop the group (counted `failed`)."""
+
+
+class WireConfig(Section):
+    max_bytes: int = Field(256 * 2**20, ge=1024)
+    """Largest rollout / scored / train batch message accepted at any actor boundary (bytes)."""
 
 
 class WeightSyncConfig(Section):
@@ -311,8 +297,6 @@ class TrainerConfig(Section):
     test_freq: int = Field(0, ge=0)
     val_before_train: bool = False
     seed: int = 0
-    max_wire_bytes: int = Field(256 * 2**20, ge=1024)
-    """Largest rollout/train batch message accepted at any boundary."""
     max_learner_restarts: int = Field(3, ge=0)
     """Times a dead learner rank is survived by rebuilding from the last checkpoint (0 = fail the run)."""
 
@@ -340,30 +324,24 @@ class ClusterConfig(Section):
     buffer: BufferConfig = BufferConfig()
     driver: DriverConfig = DriverConfig()
     weight_sync: WeightSyncConfig = WeightSyncConfig()
+    wire: WireConfig = WireConfig()
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     trainer: TrainerConfig = TrainerConfig()
 
-    @model_validator(mode="after")
-    def _registered_names(self):
-        import async_pmd.algos as algos  # registration happens on import
+    @property
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (learner steps × mini-batches × epochs): the lr schedule's unit."""
+        mini_batches = self.data.train_batch_size // (self.actor.ppo_mini_batch_size or self.data.train_batch_size)
+        return self.trainer.total_steps * mini_batches * self.actor.ppo_epochs
 
-        if self.algorithm.adv_estimator not in algos.list_adv_estimators():
-            raise ValueError(
-                f"algorithm.adv_estimator: unknown {self.algorithm.adv_estimator!r}; "
-                f"registered: {algos.list_adv_estimators()}"
-            )
-        if self.actor.policy_loss.loss_mode not in algos.list_policy_losses():
-            raise ValueError(
-                f"actor.policy_loss.loss_mode: unknown {self.actor.policy_loss.loss_mode!r}; "
-                f"registered: {algos.list_policy_losses()}"
-            )
-        if self.actor.policy_loss.loss_mode == "opmd" and self.actor.loss_agg_mode not in (
-                "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-            raise ValueError(
-                f"actor.loss_agg_mode: opmd takes seq-mean-token-mean or seq-mean-token-sum-norm, "
-                f"got {self.actor.loss_agg_mode!r}"
-            )
+    @property
+    def max_resp_len(self) -> int:
+        """Response length the overlong penalty counts to (`scorer.max_resp_len`, else the generator's)."""
+        return self.scorer.max_resp_len or self.generator.response_length
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self):
         if self.buffer.max_staleness < self.weight_sync.interval - 1:
             raise ValueError(
                 f"buffer.max_staleness ({self.buffer.max_staleness}) must be >= weight_sync.interval - 1 "
@@ -377,26 +355,13 @@ class ClusterConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _learner_fits_machine(self):
-        # A private Ray cannot place more learner CPUs than it has: the ranks would wait forever.
-        # On a cluster (ray.address set) the cluster's resources decide, not this machine's.
-        lc = self.learner
-        cpus = self.ray.num_cpus or os.cpu_count() or 1
-        if self.ray.address is None and lc.num_ranks * lc.num_cpus_per_rank > cpus:
-            raise ValueError(
-                f"learner.num_ranks ({lc.num_ranks}) x learner.num_cpus_per_rank ({lc.num_cpus_per_rank:g}) "
-                f"needs more CPUs than the {cpus} here: lower learner.num_ranks, or join a cluster "
-                "with ray.address")
-        return self
-
-    @model_validator(mode="after")
     def _validation_and_overlong(self):
         t = self.trainer
         if (t.test_freq or t.val_before_train) and self.data.source != "synthetic" and not self.data.val_files:
             raise ValueError("trainer.test_freq / trainer.val_before_train need data.val_files "
                              "(a synthetic task validates on its held-out split)")
         ob = self.scorer.overlong_buffer
-        max_len = self.scorer.max_resp_len or self.generator.response_length
+        max_len = self.max_resp_len
         if ob.enable and not 1 <= ob.len <= max_len:
             raise ValueError(f"scorer.overlong_buffer.len must be in [1, {max_len}] (scorer.max_resp_len, "
                              f"else generator.response_length) when the overlong penalty is enabled")

@@ -91,8 +91,7 @@ class Ledger:
             "failed": self.failed,
             "reissued": self.reissued,
             "pending": [
-                {"uid": uid, "index": p.index, "text": p.text, "answer": p.answer, "extra": p.extra}
-                for uid, p in self.unresolved.items()
+                pending_entry(uid, p) for uid, p in self.unresolved.items()
             ],
         }
 
@@ -103,10 +102,17 @@ class Ledger:
             self.failed = int(state["failed"])
             self.reissued = int(state.get("reissued", 0))
             pending = [
-                (str(d["uid"]), Prompt(int(d["index"]), str(d["text"]), str(d["answer"]), dict(d["extra"])))
+                (str(d["uid"]), Prompt(int(d["index"]), str(d["text"]), str(d["answer"]), dict(d["extra"]),
+                                       tuple(int(t) for t in d["token_ids"])))
                 for d in state["pending"]
             ]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"ledger state is malformed: {exc!r}") from None
         self.unresolved.clear()
         return pending
+
+
+def pending_entry(uid: str, p: Prompt) -> dict:
+    """A pending group as the checkpoint holds it (JSON-native)."""
+    return {"uid": uid, "index": p.index, "text": p.text, "answer": p.answer, "extra": p.extra,
+            "token_ids": list(p.token_ids)}

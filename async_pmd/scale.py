@@ -5,7 +5,7 @@
 
 The job writes its Ray address to `<run_dir>/ray_address` and its resolved config (with the Ray
 namespace) to `<run_dir>/config.yaml`; `--address` / `--namespace` override them (e.g. for a job
-on a cluster). Replicas that are serving keep running: see `services/scaling.py` for how. The
+on a cluster). Replicas that are serving keep running: see `job/scaling.py` for how. The
 command returns once exactly N replicas run, and prints each replica (pid, the version it started
 on, the version it serves).
 """
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
-    from services import scaling
+    from job import scaling
 
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
@@ -93,7 +93,7 @@ def _table(result: dict) -> str:
     lines = [f"published weights: version {result['published_version']}"]
     for role in ("generators", "scorers"):
         for r in result.get(role, []):
-            s = r.get("stats") or {}
+            s = r.get("status") or {}
             version = f"  started on v{s['start_version']}, serves v{s['policy_version']}" if "start_version" in s else ""
             lines.append(f"{role:<10} {r['replica_id']:<10} {r['state']:<9} pid {r['pid']}{version}")
     return "\n".join(lines)

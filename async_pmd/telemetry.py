@@ -95,22 +95,27 @@ METRICS: dict[str, Spec] = {
         "counter", "requests", "requests re-issued after a replica died or timed out"),
     "async_pmd_driver_backpressure_waits_total": Spec(
         "counter", "waits", "dispatch refused for staleness or buffer room"),
-    # learner (one per rank)
-    "async_pmd_learner_step": Spec("gauge", "steps", "learner steps applied", _RANK),
-    "async_pmd_learner_step_seconds": Spec(
-        "histogram", "s", "one learner step on this rank (decode, forward, backward, optimizer)", _RANK, _SECONDS),
-    "async_pmd_learner_loss": Spec("gauge", "1", "policy loss of the step", _RANK),
-    "async_pmd_learner_kl": Spec(
-        "gauge", "nats", "KL estimate to the behaviour policy (actor/pmd_kl, or actor/ppo_kl)", _RANK),
-    "async_pmd_learner_grad_norm": Spec("gauge", "1", "global grad norm before clipping", _RANK),
-    "async_pmd_learner_partition_weight_mean": Spec(
+    # actor: the learner ranks (one series per rank). A gauge `async_pmd_actor_<x>` is the
+    # step's `actor/<x>` of metrics.jsonl (rank-local; the jsonl holds the mean over ranks).
+    "async_pmd_actor_step": Spec("gauge", "steps", "learner steps applied (metrics.jsonl `step`)", _RANK),
+    "async_pmd_actor_step_seconds": Spec(
+        "histogram", "s", "one learner step on this rank: decode, forward, backward, optimizer "
+        "(metrics.jsonl `timing/train_s`)", _RANK, _SECONDS),
+    "async_pmd_actor_loss": Spec("gauge", "1", "policy loss of the step", _RANK),
+    "async_pmd_actor_pmd_kl": Spec("gauge", "nats", "opmd: KL estimate to the behaviour policy", _RANK),
+    "async_pmd_actor_ppo_kl": Spec("gauge", "nats", "vanilla: KL estimate to the behaviour policy", _RANK),
+    "async_pmd_actor_grad_norm": Spec("gauge", "1", "global grad norm before clipping", _RANK),
+    "async_pmd_actor_partition_weight_mean": Spec(
         "gauge", "1", "mean partition weight of the trained rows", _RANK),
-    "async_pmd_learner_entropy": Spec("gauge", "nats", "mean token entropy of the responses", _RANK),
-    "async_pmd_learner_reward_mean": Spec("gauge", "reward", "mean reward of the trained batch", _RANK),
-    "async_pmd_learner_reward_std": Spec("gauge", "reward", "reward std of the trained batch", _RANK),
-    "async_pmd_learner_lr": Spec("gauge", "1", "learning rate of the step", _RANK),
-    "async_pmd_learner_weight_publish_seconds": Spec(
-        "histogram", "s", "gather full weights + store them (rank 0)", _RANK, _SECONDS),
+    "async_pmd_actor_entropy": Spec("gauge", "nats", "mean token entropy of the responses", _RANK),
+    "async_pmd_actor_lr": Spec("gauge", "1", "learning rate of the step", _RANK),
+    "async_pmd_actor_reward_mean": Spec(
+        "gauge", "reward", "mean reward of the trained batch (metrics.jsonl `reward/mean`)", _RANK),
+    "async_pmd_actor_reward_std": Spec(
+        "gauge", "reward", "reward std of the trained batch (metrics.jsonl `reward/std`)", _RANK),
+    "async_pmd_actor_weight_publish_seconds": Spec(
+        "histogram", "s", "gather full weights + store them, rank 0 (metrics.jsonl `timing/weight_publish_s`)",
+        _RANK, _SECONDS),
     # weight store
     "async_pmd_weights_version": Spec("gauge", "version", "newest published policy version"),
     # validation (the trainer, every trainer.test_freq steps; see async_pmd.validation)
@@ -122,11 +127,8 @@ METRICS: dict[str, Spec] = {
         "gauge", "reward", "latest validation: mean over held-out prompts of their n responses' mean reward"),
 }
 
-# learner_core metric key -> learner gauge (the first key present wins)
-LEARNER_GAUGES: dict[str, tuple[str, ...]] = {
-    "loss": ("actor/loss",), "kl": ("actor/pmd_kl", "actor/ppo_kl"), "grad_norm": ("actor/grad_norm",),
-    "partition_weight_mean": ("actor/partition_weight_mean",), "entropy": ("actor/entropy",), "lr": ("actor/lr",),
-}
+# The step metrics `actor/<x>` that are also gauges `async_pmd_actor_<x>` (one name, two places).
+ACTOR_GAUGES = ("loss", "pmd_kl", "ppo_kl", "grad_norm", "partition_weight_mean", "entropy", "lr")
 
 
 def _ray_name(name: str, spec: Spec) -> str:
@@ -247,11 +249,10 @@ def tracked(method):
 
 def record_learner_step(metrics: RoleMetrics, step_metrics: Mapping[str, float], rewards,
                         learner_step: int, step_s: float) -> None:
-    """The learner gauges of one step: `step_metrics` from learner_core, `rewards` float[B]."""
-    for gauge, keys in LEARNER_GAUGES.items():
-        key = next((k for k in keys if k in step_metrics), None)
-        if key is not None:
-            metrics.set(gauge, step_metrics[key])
+    """The actor gauges of one step: `step_metrics` from `pmd_step.train_on_batch`, `rewards` float[B]."""
+    for name in ACTOR_GAUGES:
+        if f"actor/{name}" in step_metrics:
+            metrics.set(name, step_metrics[f"actor/{name}"])
     metrics.set("reward_mean", float(rewards.mean()))
     metrics.set("reward_std", float(rewards.std()))
     metrics.set("step", learner_step + 1)

@@ -1,10 +1,10 @@
 """Validation: held-out prompts sampled at the current weights, scored, and summarised.
 
-The trainer (`services/trainer.py`, `Trainer.validate`) sends the val split through the running
+The job (`job/validate.py`) sends the val split through the running
 Generator and RewardScorer deployments between learner steps; this module holds the pure parts:
 
     sampling = val_sampling(cfg.generator.val_kwargs)      # the GenerationRequest overrides
-    requests = build_requests(prompts, tokenizer, ...)     # GenerationRequests, never the driver's
+    requests = build_requests(prompts, ...)                # GenerationRequests, never the driver's
     metrics  = summarize(scored_groups)                     # val/reward/mean, val/pass@n, val/mean@n
 
 Validation never touches training state: its requests bypass the RolloutDriver (so the data
@@ -28,16 +28,13 @@ import numpy as np
 
 from async_pmd import wire
 from async_pmd.config import ValKwargs
-from async_pmd.data import Prompt, format_prompt
+from async_pmd.data import Prompt, generation_request
 
 PASS_SCORE = 1.0
 """A response passes when its reward is at least this (full marks under the built-in rewards)."""
 
 # Prometheus gauges of role "val" (`async_pmd_val_<name>`, defined in async_pmd.telemetry) -> metric.
 GAUGES = {"reward_mean": "val/reward/mean", "pass_at_n": "val/pass@n", "mean_at_n": "val/mean@n"}
-
-_SCALARS = (bool, int, float, str)
-
 
 def val_sampling(val: ValKwargs) -> dict[str, Any]:
     """The GenerationRequest sampling overrides of validation, as verl's `val_kwargs` mean them:
@@ -48,40 +45,26 @@ def val_sampling(val: ValKwargs) -> dict[str, Any]:
 
 
 def build_requests(
-    prompts: Sequence[Prompt],
-    tokenizer: Any,
-    *,
-    apply_chat_template: bool,
-    sampling: dict[str, Any],
-    prompts_per_request: int,
-    tag: str,
+    prompts: Sequence[Prompt], *, sampling: dict[str, Any], prompts_per_request: int, tag: str,
 ) -> list[wire.GenerationRequest]:
-    """The val prompts in requests of `prompts_per_request`, encoded as the RolloutDriver encodes
-    training prompts (same chat template, same extras); uids are `{tag}-{k}` and unique per call."""
+    """The val prompts (tokenized at load, like training prompts) in requests of
+    `prompts_per_request`; uids are `{tag}-{k}` and unique per call."""
     if prompts_per_request < 1:
         raise ValueError(f"prompts_per_request must be >= 1, got {prompts_per_request}")
-    requests = []
-    for start in range(0, len(prompts), prompts_per_request):
-        chunk = list(prompts[start:start + prompts_per_request])
-        texts = [format_prompt(p.text, tokenizer, apply_chat_template) for p in chunk]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        requests.append(wire.GenerationRequest(
-            request_id=len(requests), attempt=1,
-            uids=[f"{tag}-{start + j}" for j in range(len(chunk))],
-            prompt_ids=[np.asarray(x, np.int32) for x in ids], prompt_texts=[p.text for p in chunk],
-            answers=[p.answer for p in chunk], sample_indices=[p.index for p in chunk],
-            extras=[{k: v for k, v in p.extra.items() if isinstance(v, _SCALARS)} for p in chunk],
-            sampling=dict(sampling),
-        ))
-    return requests
+    return [
+        generation_request(k, 1, [f"{tag}-{start + j}" for j in range(len(chunk))], chunk, sampling)
+        for k, start in enumerate(range(0, len(prompts), prompts_per_request))
+        for chunk in [list(prompts[start:start + prompts_per_request])]
+    ]
 
 
 def summarize(groups: Sequence[wire.ScoredGroup], pass_score: float = PASS_SCORE) -> dict[str, float]:
     """The `val/*` metrics of scored groups (one group per val prompt); see the module docstring."""
     if not groups:
         raise ValueError("validation scored no groups")
-    # A failed reward is NaN under on_failure=drop_group: for validation it is a wrong answer.
-    rewards = [np.nan_to_num(np.asarray(g.rewards, np.float64), nan=0.0) for g in groups]
+    # A failed reward (by its status, whatever its value) is a wrong answer.
+    rewards = [np.where([s == "ok" for s in g.reward_status], np.asarray(g.rewards, np.float64), 0.0)
+               for g in groups]
     flat = np.concatenate(rewards)
     lengths = np.array([len(r) for g in groups for r in g.response_ids], np.float64)
     failed = sum(s != "ok" for g in groups for s in g.reward_status)

@@ -21,23 +21,21 @@ import ray
 from async_pmd import telemetry, wire
 from async_pmd.config import AlgorithmConfig, BufferConfig
 from async_pmd.grouping import BufferFull, GroupStore
+from async_pmd.status import BufferStatus
 
 logger = logging.getLogger(__name__)
-
-BUFFER_NAME = "group_buffer"
 
 
 @ray.remote(num_cpus=0)
 class GroupBuffer:
     """Owns the GroupStore. One event loop, so store calls never interleave mid-update."""
 
-    def __init__(self, *, algorithm: dict, buffer: dict, group_size: int, on_failure: str,
+    def __init__(self, *, algorithm: AlgorithmConfig, buffer: BufferConfig, group_size: int,
                  pad_token_id: int, max_wire_bytes: int):
-        buffer_cfg = BufferConfig(**buffer)
         self._store = GroupStore(
-            group_size=group_size, algorithm=AlgorithmConfig(**algorithm),
-            max_staleness=buffer_cfg.max_staleness, capacity_groups=buffer_cfg.capacity_groups,
-            on_failure=on_failure, pad_token_id=pad_token_id,
+            group_size=group_size, algorithm=algorithm, max_staleness=buffer.max_staleness,
+            capacity_groups=buffer.capacity_groups, on_failure=buffer.on_reward_failure,
+            pad_token_id=pad_token_id,
         )
         self._max_wire_bytes = max_wire_bytes
         # Notified whenever groups arrive or leave: wakes a waiting take and a waiting put.
@@ -92,20 +90,17 @@ class GroupBuffer:
             self._metrics.observe("staleness_steps", staleness)
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
 
-    def poll(self, with_state: bool = False) -> dict:
-        """The driver's view, read atomically: settled uids since the last poll, the counts, and
+    def poll(self, with_state: bool = False) -> tuple[list[str], BufferStatus, dict | None]:
+        """The driver's view, read atomically: settled uids since the last poll, the status, and
         (for a checkpoint) the state, so the driver's pending list and these counters agree."""
         self._export_metrics()
-        view = {"resolved": self._store.drain_resolved(), **self.status()}
-        if with_state:
-            view["state"] = self.state_dict()
-        return view
+        return self._store.drain_resolved(), self.status(), self.state_dict() if with_state else None
 
     # ------------------------------------------------------------------ lifecycle
 
-    def status(self) -> dict:
-        return {**self._store.counters, "refused": self._refused, "put_waits": self._put_waits,
-                "steps_taken": self._steps_taken, "reward_failures": dict(self._reward_failures)}
+    def status(self) -> BufferStatus:
+        return BufferStatus(**self._store.counters, refused=self._refused, put_waits=self._put_waits,
+                            steps_taken=self._steps_taken, reward_failures=dict(self._reward_failures))
 
     def state_dict(self) -> dict:
         return {"store": self._store.state_dict(), "steps_taken": self._steps_taken,

@@ -14,43 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
-import numpy as np
 import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
-from async_pmd import telemetry, wire
-from async_pmd.config import ClusterConfig
-from async_pmd.data import Prompt, build_source, format_prompt
-from async_pmd.ledger import Ledger, Request, may_dispatch
+from async_pmd import names, telemetry, wire
+from async_pmd.config import BufferConfig, DataConfig, DriverConfig, GeneratorConfig
+from async_pmd.data import Prompt, configured_source, generation_request
+from async_pmd.ledger import Ledger, Request, may_dispatch, pending_entry
 from async_pmd.models import load_tokenizer
-from services.buffer import BUFFER_NAME
-from services.generator import APP_NAME as GENERATOR_APP
-from services.scorer import APP_NAME as SCORER_APP
-from services.weights import STORE_NAME
+from async_pmd.status import BufferStatus, DriverStatus
 
 logger = logging.getLogger(__name__)
 
-DRIVER_NAME = "rollout_driver"
 _POLL_S = 0.02  # how often an idle driver looks at the buffer and the store
-_SCALARS = (bool, int, float, str)
-
-
-def prompt_source(cfg: ClusterConfig, tokenizer, split: str):
-    """The configured prompts of `split`, length-limited with the tokens the engine will see."""
-    data = cfg.data
-    synthetic = data.source == "synthetic"
-    files = {"train": data.train_files, "val": data.val_files}
-    return build_source(
-        "synthetic" if synthetic else "files", task=data.task if synthetic else None,
-        files=None if synthetic else files, split=split, seed=data.seed,
-        size=data.synthetic_size if synthetic and split == "train" else None,
-        prompt_key=data.prompt_key, answer_key=data.answer_key, shuffle=data.shuffle,
-        tokenize_fn=lambda t: tokenizer(format_prompt(t, tokenizer, data.apply_chat_template),
-                                        add_special_tokens=False)["input_ids"],
-        max_prompt_length=data.max_prompt_length, length_policy=data.overlong_prompts,
-    )
 
 
 def _failure_kind(exc: BaseException) -> str | None:
@@ -62,23 +41,25 @@ def _failure_kind(exc: BaseException) -> str | None:
 
 @ray.remote(num_cpus=0)
 class RolloutDriver:
-    """Owns the prompt source, the tokenizer and the ledger; `run()` is its long-lived loop."""
+    """Owns the prompt source and the ledger; `run()` is its long-lived loop."""
 
-    def __init__(self, config: dict):
-        self._cfg = cfg = ClusterConfig.model_validate(config)
-        self._tokenizer = load_tokenizer(cfg.model.path)
-        self._source = prompt_source(cfg, self._tokenizer, split="train")
+    def __init__(self, *, data: DataConfig, generator: GeneratorConfig, buffer: BufferConfig,
+                 driver: DriverConfig, model_path: str, namespace: str):
+        self._data, self._generator_cfg, self._buffer_cfg, self._cfg = data, generator, buffer, driver
+        self._source = configured_source(data, load_tokenizer(model_path), split="train")
         self._ledger = Ledger()
         self._pending: list[tuple[str, Prompt]] = []  # restored from a checkpoint; re-issued first
-        self._generator = serve.get_deployment_handle("Generator", app_name=GENERATOR_APP)
-        self._scorer = serve.get_deployment_handle("RewardScorer", app_name=SCORER_APP)
-        self._buffer = ray.get_actor(BUFFER_NAME, namespace=cfg.ray.namespace)
-        self._store = ray.get_actor(STORE_NAME, namespace=cfg.ray.namespace)
+        self._generator = serve.get_deployment_handle(names.GENERATOR_DEPLOYMENT, app_name=names.GENERATOR_APP)
+        self._scorer = serve.get_deployment_handle(names.SCORER_DEPLOYMENT, app_name=names.SCORER_APP)
+        self._buffer = ray.get_actor(names.BUFFER, namespace=namespace)
+        self._store = ray.get_actor(names.WEIGHT_STORE, namespace=namespace)
         self._tasks: set[asyncio.Task] = set()  # one per request in flight
         self._stop = asyncio.Event()
         self._paused = False
-        self._stats = {"requests": 0, "retries": 0, "backpressure_waits": 0, "deterministic_failures": 0}
-        self._buffer_view: dict = {}
+        self._stats = {"requests": 0, "retries": 0, "backpressure_waits": 0, "deterministic_failures": 0,
+                       "max_attempt": 0}
+        self._failures: Counter[str] = Counter()  # failed attempts by exception type
+        self._buffer_status = BufferStatus()
         self._metrics = telemetry.RoleMetrics("driver")
 
     async def run(self) -> None:
@@ -86,7 +67,7 @@ class RolloutDriver:
         while not self._stop.is_set():
             await self._sync_with_buffer()
             self._export_metrics()
-            while not self._paused and len(self._tasks) < self._cfg.driver.max_inflight_requests:
+            while not self._paused and len(self._tasks) < self._cfg.max_inflight_requests:
                 request = await self._next_request()
                 if request is None:
                     self._stats["backpressure_waits"] += 1
@@ -110,20 +91,21 @@ class RolloutDriver:
     def resume(self) -> None:
         self._paused = False
 
-    async def status(self) -> dict:
+    async def status(self) -> DriverStatus:
         """Accounting of the driver's side; `unfinished` = dispatched groups not yet settled."""
         await self._sync_with_buffer()
         ledger = self._ledger
-        return {"dispatched": ledger.dispatched, "failed": ledger.failed, "reissued": ledger.reissued,
-                "unfinished": len(ledger.unresolved) + len(self._pending),
-                "inflight_requests": len(self._tasks), **self._stats, "buffer": self._buffer_view}
+        return DriverStatus(dispatched=ledger.dispatched, failed=ledger.failed, reissued=ledger.reissued,
+                            unfinished=len(ledger.unresolved) + len(self._pending),
+                            inflight_requests=len(self._tasks), **self._stats, failures=dict(self._failures),
+                            buffer=self._buffer_status)
 
     async def state_dict(self) -> dict:
         """Cursor, counters, pending prompts (unsettled groups) and the buffer's state, read together
         so that every dispatched group is counted exactly once across a resume."""
         buffer_state = await self._sync_with_buffer(with_state=True)
         state = self._ledger.state_dict()
-        state["pending"] += [self._pending_entry(uid, p) for uid, p in self._pending]
+        state["pending"] += [pending_entry(uid, p) for uid, p in self._pending]
         return {"source": self._source.state_dict(), "ledger": state, "buffer": buffer_state}
 
     def load_state_dict(self, state: dict) -> None:
@@ -143,22 +125,20 @@ class RolloutDriver:
         self._metrics.set("groups_unsettled", len(ledger.unresolved) + len(self._pending))
 
     async def _sync_with_buffer(self, with_state: bool = False) -> dict | None:
-        view = await self._buffer.poll.remote(with_state)
-        self._ledger.resolve(view.pop("resolved"))
-        state = view.pop("state", None)
-        self._buffer_view = view
+        resolved, self._buffer_status, state = await self._buffer.poll.remote(with_state)
+        self._ledger.resolve(resolved)
         return state
 
     async def _next_request(self) -> Request | None:
-        k = self._cfg.generator.prompts_per_request
+        k = self._generator_cfg.prompts_per_request
         if self._pending:
             chunk, self._pending = self._pending[:k], self._pending[k:]
             return self._ledger.open([p for _, p in chunk], [u for u, _ in chunk], already_dispatched=True)
         version = await self._store.version.remote()
         if not may_dispatch(
-            steps_taken=self._buffer_view.get("steps_taken", 0), outstanding=len(self._ledger.unresolved),
-            new=k, published_version=max(version, 0), batch_groups=self._cfg.data.train_batch_size,
-            max_staleness=self._cfg.buffer.max_staleness, capacity_groups=self._cfg.buffer.capacity_groups,
+            steps_taken=self._buffer_status.steps_taken, outstanding=len(self._ledger.unresolved),
+            new=k, published_version=max(version, 0), batch_groups=self._data.train_batch_size,
+            max_staleness=self._buffer_cfg.max_staleness, capacity_groups=self._buffer_cfg.capacity_groups,
         ):
             return None
         prompts = self._source.next_batch(k)
@@ -175,19 +155,17 @@ class RolloutDriver:
         while True:
             try:
                 await self._chain(request)
-                # The highest attempt that completed: 2 after a replica death means "re-issued once".
-                self._stats["max_attempt"] = max(self._stats.get("max_attempt", 0), request.attempt)
+                self._stats["max_attempt"] = max(self._stats["max_attempt"], request.attempt)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is classified and counted below
                 retry = _failure_kind(exc)
-                kind = f"failures/{type(exc).__name__}"  # e.g. RayServeException (replica died), TimeoutError
-                self._stats[kind] = self._stats.get(kind, 0) + 1
+                self._failures[type(exc).__name__] += 1  # e.g. RayServeException (replica died), TimeoutError
                 logger.warning("request %d attempt %d failed: %r", request.request_id, request.attempt, exc)
                 if retry is None:
                     self._stats["deterministic_failures"] += 1
                     self._ledger.fail(request.uids)
                     return
-                if request.attempt >= self._cfg.driver.max_attempts:
+                if request.attempt >= self._cfg.max_attempts:
                     self._ledger.fail(request.uids)
                     return
                 self._stats["retries"] += 1
@@ -198,27 +176,13 @@ class RolloutDriver:
     async def _chain(self, request: Request) -> None:
         """generator → scorer → buffer, passing object refs; only the buffer's counts come back here."""
         self._stats["requests"] += 1
-        payload = wire.encode_array(self._encode(request))
+        payload = wire.encode_array(generation_request(
+            request.request_id, request.attempt, request.uids, request.prompts, sampling={}))
         rollouts = self._generator.generate.remote(payload)
         scored = self._scorer.score.remote(rollouts)
-        timeout_s = self._cfg.generator.request_timeout_s
+        timeout_s = self._generator_cfg.request_timeout_s
         ref = await asyncio.wait_for(scored._to_object_ref(), timeout_s)
         await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
         counts = await self._buffer.put.remote(ref)
         if counts.get("refused"):
             self._ledger.fail(request.uids)
-
-    def _encode(self, request: Request) -> wire.GenerationRequest:
-        texts = [format_prompt(p.text, self._tokenizer, self._cfg.data.apply_chat_template) for p in request.prompts]
-        ids = self._tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return wire.GenerationRequest(
-            request_id=request.request_id, attempt=request.attempt, uids=request.uids,
-            prompt_ids=[np.asarray(x, np.int32) for x in ids], prompt_texts=[p.text for p in request.prompts],
-            answers=[p.answer for p in request.prompts], sample_indices=[p.index for p in request.prompts],
-            extras=[{k: v for k, v in p.extra.items() if isinstance(v, _SCALARS)} for p in request.prompts],
-            sampling={},
-        )
-
-    @staticmethod
-    def _pending_entry(uid: str, p: Prompt) -> dict:
-        return {"uid": uid, "index": p.index, "text": p.text, "answer": p.answer, "extra": p.extra}

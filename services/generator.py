@@ -20,34 +20,31 @@ import numpy as np
 import ray
 from ray import serve
 
-from async_pmd import telemetry, wire
-from async_pmd.config import GeneratorConfig
+from async_pmd import names, telemetry, wire
+from async_pmd.config import GeneratorConfig, ModelConfig
 from async_pmd.engines import SamplingParams, create_engine
 from async_pmd.models import load_tokenizer
-from services.weights import STORE_NAME
 
 logger = logging.getLogger(__name__)
 
-APP_NAME = "generator"
 
-
-@serve.deployment(name="Generator")
+@serve.deployment(name=names.GENERATOR_DEPLOYMENT)
 class Generator:
     """One replica: an engine, its tokenizer (for response texts), and a handle on the store."""
 
-    def __init__(self, *, generator: dict, model_path: str, dtype: str, max_prompt_length: int,
+    def __init__(self, *, generator: GeneratorConfig, model: ModelConfig, max_prompt_length: int,
                  namespace: str, max_weight_bytes: int, max_wire_bytes: int):
-        self._cfg = GeneratorConfig(**generator)
+        self._cfg = generator
         self._max_weight_bytes = max_weight_bytes
         self._max_wire_bytes = max_wire_bytes
-        self._tokenizer = load_tokenizer(model_path)
-        engine_kwargs = {"dtype": dtype, "max_prompt_length": max_prompt_length}
-        if self._cfg.engine == "torch":
-            engine_kwargs["num_threads"] = max(1, int(self._cfg.num_cpus))
+        self._tokenizer = load_tokenizer(model.path)
+        engine_kwargs = {"dtype": model.dtype, "max_prompt_length": max_prompt_length}
+        if generator.engine == "torch":
+            engine_kwargs["num_threads"] = max(1, int(generator.num_cpus))
         else:
-            engine_kwargs.update(self._cfg.sglang.model_dump())
-        self._engine = create_engine(self._cfg.engine, model_path, tokenizer=self._tokenizer, **engine_kwargs)
-        self._store = ray.get_actor(STORE_NAME, namespace=namespace)
+            engine_kwargs.update(generator.sglang.model_dump())
+        self._engine = create_engine(generator.engine, model.path, tokenizer=self._tokenizer, **engine_kwargs)
+        self._store = ray.get_actor(names.WEIGHT_STORE, namespace=namespace)
         # One batch on the engine at a time, and weight loads only between batches.
         self._engine_lock = asyncio.Lock()
         self._stats = {"requests": 0, "responses": 0, "tokens": 0, "weight_pulls": 0,
@@ -86,7 +83,7 @@ class Generator:
     def pid(self) -> int:
         return os.getpid()
 
-    def stats(self) -> dict:
+    def status(self) -> dict:
         return {**self._stats, "pid": os.getpid(), "policy_version": self._engine.version,
                 "start_version": self._start_version, "busy": self._engine_lock.locked()}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import tempfile
 import time
 import uuid
@@ -22,9 +21,8 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from async_pmd import learner_core, telemetry, wire
-from async_pmd.config import ClusterConfig
-from services.weights import STORE_NAME
+from async_pmd import ds_engine, names, pmd_step, telemetry, wire
+from async_pmd.config import ActorConfig, ClusterConfig, LearnerConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -37,43 +35,41 @@ class LearnerDied(RuntimeError):
 class LearnerRank:
     """Owns one DeepSpeed engine (model + optimizer shard) and the step counter it has applied."""
 
-    def __init__(self, *, config: dict, rank: int, world_size: int, master_port: int, total_steps: int,
-                 rendezvous_file: str | None = None):
-        self._cfg = cfg = ClusterConfig.model_validate(config)
+    def __init__(self, *, actor: ActorConfig, learner: LearnerConfig, model: ModelConfig, rank: int,
+                 world_size: int, master_port: int, total_optimizer_steps: int, temperature: float, seed: int,
+                 max_wire_bytes: int, max_weight_bytes: int, namespace: str, rendezvous_file: str | None = None):
+        self._actor, self._learner, self._model = actor, learner, model
         self._rank, self._world_size = rank, world_size
-        learner_core.setup_deepspeed_env(rank, world_size, master_port,
-                                         use_gpu=cfg.learner.num_gpus_per_rank > 0)
+        self._temperature, self._max_wire_bytes, self._max_weight_bytes = temperature, max_wire_bytes, max_weight_bytes
+        ds_engine.setup_deepspeed_env(rank, world_size, master_port, use_gpu=learner.num_gpus_per_rank > 0)
         import torch
 
         from async_pmd.models import load_model
 
-        torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_rank)))
-        torch.manual_seed(cfg.trainer.seed)
-        model = load_model(cfg.model.path, dtype=cfg.model.dtype)
-        mini_batches = cfg.data.train_batch_size // (cfg.actor.ppo_mini_batch_size or cfg.data.train_batch_size)
-        self._engine = learner_core.init_engine(model, cfg.actor, cfg.learner, world_size, cfg.model.dtype,
-                                                total_steps * mini_batches * cfg.actor.ppo_epochs,
-                                                init_method=rendezvous_file and f"file://{rendezvous_file}")
-        self._store = ray.get_actor(STORE_NAME, namespace=cfg.ray.namespace)
+        torch.set_num_threads(max(1, int(learner.num_cpus_per_rank)))
+        torch.manual_seed(seed)
+        self._engine = ds_engine.init_engine(load_model(model.path, dtype=model.dtype), actor, learner, world_size,
+                                             model.dtype, total_optimizer_steps,
+                                             init_method=rendezvous_file and f"file://{rendezvous_file}")
+        self._store = ray.get_actor(names.WEIGHT_STORE, namespace=namespace)
         self._optimizer_resets = 0
         self._refused = 0  # TrainBatch messages refused as malformed wire bytes
-        self._metrics = telemetry.RoleMetrics("learner", rank=rank)
+        self._metrics = telemetry.RoleMetrics("actor", rank=rank)
 
     def train_step(self, payload: np.ndarray) -> dict:
         """One learner step on this rank's rows; returns the step's metrics (rank-local)."""
-        cfg = self._cfg
         start = time.perf_counter()
         try:
-            batch = wire.decode(payload, max_bytes=cfg.trainer.max_wire_bytes, expect=wire.TrainBatch)
+            batch = wire.decode(payload, max_bytes=self._max_wire_bytes, expect=wire.TrainBatch)
         except wire.WireError as exc:  # refused before the engine is touched: no state changes
             self._refused += 1
             logger.warning("rank %d refused a train batch: %s", self._rank, exc)
             raise
-        metrics = learner_core.train_on_batch(self._engine, batch, cfg.actor, self._rank, self._world_size,
-                                              temperature=cfg.generator.temperature)
-        freq = cfg.actor.reset_optimizer_states_freq
+        metrics = pmd_step.train_on_batch(self._engine, batch, self._actor, self._rank, self._world_size,
+                                          temperature=self._temperature)
+        freq = self._actor.reset_optimizer_states_freq
         if freq and (batch.learner_step + 1) % freq == 0:
-            learner_core.reset_optimizer_state(self._engine)
+            ds_engine.reset_optimizer_state(self._engine)
             self._optimizer_resets += 1
         metrics["actor/optimizer_resets"] = float(self._optimizer_resets)
         metrics["learner/refused_batches"] = float(self._refused)
@@ -84,50 +80,44 @@ class LearnerRank:
     def publish(self, version: int) -> dict:
         """Gather the full weights (a collective) and, on rank 0, publish them as `version`."""
         start = time.perf_counter()
-        state = learner_core.full_state_dict(self._engine, self._cfg.learner.zero_stage)
+        state = ds_engine.full_state_dict(self._engine, self._learner.zero_stage)
         gather_s = time.perf_counter() - start
         if state is None:
             return {}
         msg = wire.named_tensors_to_wire(state, version)
-        payload = wire.encode_array(msg, max_bytes=self._cfg.weight_sync.max_bytes)
+        payload = wire.encode_array(msg, max_bytes=self._max_weight_bytes)
         store_s = ray.get(self._store.publish.remote(version, payload))
         self._metrics.observe("weight_publish_seconds", time.perf_counter() - start)
         return {"timing/weight_gather_s": gather_s, "timing/weight_publish_s": time.perf_counter() - start,
                 "timing/weight_store_s": store_s, "weights/bytes": float(payload.nbytes)}
 
     def save(self, directory: str, client_state: dict) -> None:
-        learner_core.save_checkpoint(self._engine, directory, client_state)
+        ds_engine.save_checkpoint(self._engine, directory, client_state)
 
     def load(self, directory: str) -> dict:
-        return learner_core.load_checkpoint(self._engine, directory)
+        return ds_engine.load_checkpoint(self._engine, directory)
 
     def export_hf(self, out_dir: str) -> str | None:
         """Write the policy as a Hugging Face directory (rank 0; a collective under ZeRO-3)."""
         from async_pmd.models import load_tokenizer
 
-        path = learner_core.export_hf(self._engine, self._cfg.learner.zero_stage, out_dir,
-                                      load_tokenizer(self._cfg.model.path))
+        path = ds_engine.export_hf(self._engine, self._learner.zero_stage, out_dir,
+                                   load_tokenizer(self._model.path))
         return None if path is None else str(path)
 
     def pid(self) -> int:
         return os.getpid()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LearnerGroup:
     """The fan-out to `learner.num_ranks` LearnerRank actors packed in one placement group."""
 
-    def __init__(self, cfg: ClusterConfig, total_steps: int):
+    def __init__(self, cfg: ClusterConfig):
         lc = cfg.learner
         bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if lc.num_gpus_per_rank else {})}
         self._pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
         ray.get(self._pg.ready())
-        port = lc.master_port or free_port()
+        port = lc.master_port or ds_engine.find_free_port()
         # On a private Ray every rank is on this machine: rendezvous through a fresh file, so no
         # TCPStore listens on all interfaces (torch binds it to [::]); a cluster uses the port.
         self._rendezvous = None if cfg.ray.address else os.path.join(
@@ -136,8 +126,11 @@ class LearnerGroup:
             LearnerRank.options(
                 num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
-            ).remote(config=cfg.model_dump(mode="json"), rank=r, world_size=lc.num_ranks,
-                     master_port=port, total_steps=total_steps, rendezvous_file=self._rendezvous)
+            ).remote(actor=cfg.actor, learner=lc, model=cfg.model, rank=r, world_size=lc.num_ranks,
+                     master_port=port, total_optimizer_steps=cfg.total_optimizer_steps,
+                     temperature=cfg.generator.temperature, seed=cfg.trainer.seed, max_wire_bytes=cfg.wire.max_bytes,
+                     max_weight_bytes=cfg.weight_sync.max_bytes, namespace=cfg.ray.namespace,
+                     rendezvous_file=self._rendezvous)
             for r in range(lc.num_ranks)
         ]
         self.ready()

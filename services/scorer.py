@@ -3,8 +3,8 @@
 Takes `RolloutBatch` bytes (chained straight from a generator's response by the RolloutDriver)
 and returns `ScoredBatch` bytes. A reward function that raises, hangs past `scorer.timeout_s`, or
 returns a non-number or a non-finite value gives that response the status `failed:<reason>`
-(score 0, or NaN so the GroupBuffer drops the group, per `scorer.on_failure`); it never fails the
-request. User reward code is loaded only from the path or module the config names.
+and score 0 (the GroupBuffer then trains or drops the group, per `buffer.on_reward_failure`); it
+never fails the request. User reward code is loaded only from the path or module the config names.
 """
 
 from __future__ import annotations
@@ -16,27 +16,23 @@ import os
 import numpy as np
 from ray import serve
 
-from async_pmd import telemetry, wire
+from async_pmd import names, telemetry, wire
 from async_pmd.config import ScorerConfig
 from async_pmd.rewards import RewardRunner, load_reward_fn
 
 logger = logging.getLogger(__name__)
 
-APP_NAME = "scorer"
 
-
-@serve.deployment(name="RewardScorer")
+@serve.deployment(name=names.SCORER_DEPLOYMENT)
 class RewardScorer:
     """One replica: a RewardRunner (worker threads with per-call timeouts, failure counters)."""
 
-    def __init__(self, *, scorer: dict, response_length: int, max_wire_bytes: int):
-        cfg = ScorerConfig(**scorer)
-        overlong = cfg.overlong_buffer
+    def __init__(self, *, scorer: ScorerConfig, max_resp_len: int, max_wire_bytes: int):
+        overlong = scorer.overlong_buffer
         self._runner = RewardRunner(
-            load_reward_fn(cfg.reward_fn), timeout_s=cfg.timeout_s, on_failure=cfg.on_failure,
+            load_reward_fn(scorer.reward_fn), timeout_s=scorer.timeout_s,
             overlong_buffer_len=overlong.len if overlong.enable else 0,
-            overlong_penalty_factor=overlong.penalty_factor,
-            max_resp_len=cfg.max_resp_len or response_length,
+            overlong_penalty_factor=overlong.penalty_factor, max_resp_len=max_resp_len,
         )
         self._max_wire_bytes = max_wire_bytes
         self._metrics = telemetry.RoleMetrics("scorer", replica=serve.get_replica_context().replica_tag)
@@ -53,7 +49,7 @@ class RewardScorer:
             self._metrics.sync({"failures_total": count}, reason=reason)
         return wire.encode_array(wire.ScoredBatch(groups=scored), max_bytes=self._max_wire_bytes)
 
-    def stats(self) -> dict:
+    def status(self) -> dict:
         return {"calls": self._runner.num_calls, "failures": dict(self._runner.failures),
                 "stuck_threads": self._runner.num_stuck, "pid": os.getpid()}
 

@@ -18,8 +18,6 @@ from async_pmd import telemetry
 
 logger = logging.getLogger(__name__)
 
-STORE_NAME = "weight_store"
-
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class WeightStore:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from async_pmd.algos.registry import register_policy_loss
+from async_pmd.config import LOSS_AGG_MODES
 
 if TYPE_CHECKING:
     from async_pmd.config import ActorConfig
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 # Defaults of PolicyLossConfig, used when a loss is called with config=None.
 DEFAULT_PMD_TAU = 1.0
 DEFAULT_CLIP_RATIO = 0.2
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 OPMD_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOG_RATIO_CLAMP = 20.0  # verl clamps log π_θ − log π_old before exp so a stale sample cannot overflow
 

@@ -6,8 +6,8 @@
 """
 
 from async_pmd.data.files import load_prompts
-from async_pmd.data.prompt import LengthPolicy, Prompt, filter_by_length, format_prompt
-from async_pmd.data.source import PromptSource, build_prompts, build_source
+from async_pmd.data.prompt import LengthPolicy, Prompt, filter_by_length, format_prompt, generation_request
+from async_pmd.data.source import PromptSource, build_prompts, build_source, configured_source
 from async_pmd.data.synthetic import SYNTHETIC_ALPHABET, TASKS, make_task
 
 __all__ = [
@@ -18,8 +18,10 @@ __all__ = [
     "PromptSource",
     "build_prompts",
     "build_source",
+    "configured_source",
     "filter_by_length",
     "format_prompt",
+    "generation_request",
     "load_prompts",
     "make_task",
 ]

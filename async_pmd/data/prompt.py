@@ -1,7 +1,9 @@
 """The prompt record, and how a prompt is prepared for a tokenizer.
 
-Every source (synthetic task or file) yields `Prompt`s; the RolloutDriver formats them with
-`format_prompt` and, once at load time, drops or cuts over-long ones with `filter_by_length`.
+Every source (synthetic task or file) yields `Prompt`s. Once, at load time, `filter_by_length`
+formats and tokenizes each (`format_prompt`), drops or cuts the over-long ones, and keeps the
+token ids on the prompt, so the RolloutDriver and validation send them (`generation_request`)
+without tokenizing again.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
+
+import numpy as np
+
+from async_pmd import wire
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +29,15 @@ class Prompt:
     `index` is the record's position in its source (stable across runs and resumes; filtering
     keeps the original index). `answer` is the ground truth the reward function receives.
     `extra` holds msgpack/JSON-native values only (the task name, a file row's other columns).
+    `token_ids` are the formatted prompt's tokens, set by `filter_by_length` (a derived value:
+    not part of equality).
     """
 
     index: int
     text: str
     answer: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    token_ids: tuple[int, ...] = dataclasses.field(default=(), compare=False)
 
 
 def format_prompt(
@@ -57,7 +66,8 @@ def filter_by_length(
     max_prompt_length: int,
     policy: LengthPolicy = "filter",
 ) -> tuple[list[Prompt], int]:
-    """Apply the prompt length limit; returns (kept prompts, number filtered or truncated).
+    """Apply the prompt length limit; returns (kept prompts with their `token_ids`, number
+    filtered or truncated).
 
     `tokenize_fn(text)` gives the token ids the engine will see, so pass one that formats first
     (`lambda t: tok(format_prompt(t, tok, True))["input_ids"]`) when a chat template is used.
@@ -75,9 +85,10 @@ def filter_by_length(
     kept: list[Prompt] = []
     n_affected = 0
     for prompt in prompts:
-        length = len(tokenize_fn(prompt.text))
+        ids = tuple(tokenize_fn(prompt.text))
+        length = len(ids)
         if length <= max_prompt_length:
-            kept.append(prompt)
+            kept.append(dataclasses.replace(prompt, token_ids=ids))
             continue
         if policy == "error":
             raise ValueError(
@@ -87,12 +98,13 @@ def filter_by_length(
         n_affected += 1
         if policy == "truncate":
             cut = _longest_fitting_prefix(prompt.text, tokenize_fn, max_prompt_length)
-            if len(tokenize_fn(cut)) > max_prompt_length:  # the template alone is too long
+            cut_ids = tuple(tokenize_fn(cut))
+            if len(cut_ids) > max_prompt_length:  # the template alone is too long
                 raise ValueError(
                     f"prompt index {prompt.index}: even an empty text is over max_prompt_length="
                     f"{max_prompt_length} tokens after formatting; raise the limit"
                 )
-            kept.append(_with_text(prompt, cut))
+            kept.append(dataclasses.replace(_with_text(prompt, cut), token_ids=cut_ids))
     if n_affected:
         logger.info("length policy %r affected %d of %d prompts", policy, n_affected, len(prompts))
     return kept, n_affected
@@ -122,3 +134,22 @@ def _longest_fitting_prefix(
         else:
             hi = mid - 1
     return text[:lo]
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def generation_request(request_id: int, attempt: int, uids: Sequence[str], prompts: Sequence[Prompt],
+                       sampling: dict[str, Any]) -> wire.GenerationRequest:
+    """The wire request for `prompts` (which carry their `token_ids`), one uid each; only the
+    scalar extras travel (the reward function's side inputs)."""
+    for p in prompts:
+        if not p.token_ids:
+            raise ValueError(f"prompt index {p.index} has no token_ids: build sources with a tokenize_fn")
+    return wire.GenerationRequest(
+        request_id=request_id, attempt=attempt, uids=list(uids),
+        prompt_ids=[np.asarray(p.token_ids, np.int32) for p in prompts], prompt_texts=[p.text for p in prompts],
+        answers=[p.answer for p in prompts], sample_indices=[p.index for p in prompts],
+        extras=[{k: v for k, v in p.extra.items() if isinstance(v, _SCALARS)} for p in prompts],
+        sampling=dict(sampling),
+    )

@@ -11,11 +11,14 @@ import logging
 import random
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from async_pmd.data.files import load_prompts
-from async_pmd.data.prompt import LengthPolicy, Prompt, filter_by_length
+from async_pmd.data.prompt import LengthPolicy, Prompt, filter_by_length, format_prompt
 from async_pmd.data.synthetic import make_task
+
+if TYPE_CHECKING:
+    from async_pmd.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -205,3 +208,18 @@ def build_source(
                 "raise it or use the 'truncate' policy"
             )
     return PromptSource(prompts, shuffle_seed=seed, shuffle=shuffle)
+
+
+def configured_source(data: DataConfig, tokenizer, split: str) -> PromptSource:
+    """The `data` section's prompts of `split`, formatted, tokenized once and length-limited with
+    the tokens the engine will see."""
+    synthetic = data.source == "synthetic"
+    return build_source(
+        "synthetic" if synthetic else "files", task=data.task if synthetic else None,
+        files=None if synthetic else {"train": data.train_files, "val": data.val_files}, split=split,
+        seed=data.seed, size=data.synthetic_size if synthetic and split == "train" else None,
+        prompt_key=data.prompt_key, answer_key=data.answer_key, shuffle=data.shuffle,
+        tokenize_fn=lambda t: tokenizer(format_prompt(t, tokenizer, data.apply_chat_template),
+                                        add_special_tokens=False)["input_ids"],
+        max_prompt_length=data.max_prompt_length, length_policy=data.overlong_prompts,
+    )

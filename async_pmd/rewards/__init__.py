@@ -1,7 +1,7 @@
 """Reward functions and the runner that applies them to a group of responses.
 
     fn = load_reward_fn("synthetic")                # or "pkg.mod:fn", "path/to/file.py:fn"
-    runner = RewardRunner(fn, timeout_s=5.0, on_failure="zero")
+    runner = RewardRunner(fn, timeout_s=5.0)
     rewards, statuses, extras = runner.score_group(prompt, responses, answer, extra)
 """
 
@@ -16,11 +16,10 @@ from async_pmd.rewards.builtin import (
     synthetic_reward,
 )
 from async_pmd.rewards.custom import load_reward_fn
-from async_pmd.rewards.runner import OnFailure, RewardRunner, overlong_penalty
+from async_pmd.rewards.runner import RewardRunner, overlong_penalty
 
 __all__ = [
     "BUILTIN_REWARDS",
-    "OnFailure",
     "RewardFn",
     "RewardRunner",
     "add_mod10_reward",

@@ -4,8 +4,8 @@ turning every failure into a status instead of an exception. The Scorer service 
 Statuses: "ok", "failed:timeout", "failed:exception:<ExcType>", "failed:nonfinite" (NaN or inf
 score), "failed:type" (not a number, or a dict without a numeric "score"), "failed:stuck" (not
 run: `max_stuck_threads` threads are still stuck in earlier calls). A failed response's
-reward is 0.0 with on_failure="zero", NaN with "drop_group" (the GroupBuffer drops any group
-holding a NaN). `failures` counts them by reason ("timeout", "exception:ValueError", ...).
+reward is 0.0; its status tells the GroupBuffer, which trains or drops the group by its own
+policy (`buffer.on_reward_failure`). `failures` counts them by reason ("timeout", ...).
 
 Python cannot kill a thread: a call past its timeout is abandoned, not stopped. Its worker keeps
 running it (a daemon thread, so it never blocks exit) and a fresh worker takes its place;
@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +31,6 @@ from async_pmd.rewards.builtin import RewardFn
 
 logger = logging.getLogger(__name__)
 
-OnFailure = Literal["zero", "drop_group"]
 
 
 def overlong_penalty(
@@ -138,7 +137,6 @@ class RewardRunner:
         self,
         fn: RewardFn,
         timeout_s: float | None = 10.0,
-        on_failure: OnFailure = "zero",
         *,
         max_workers: int = 4,
         max_stuck_threads: int = 64,
@@ -148,8 +146,6 @@ class RewardRunner:
     ):
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 or None (no timeout), got {timeout_s}")
-        if on_failure not in ("zero", "drop_group"):
-            raise ValueError(f"on_failure must be 'zero' or 'drop_group', got {on_failure!r}")
         if max_workers < 1 or max_stuck_threads < 1:
             raise ValueError("max_workers and max_stuck_threads must be >= 1")
         if overlong_buffer_len < 0 or overlong_penalty_factor < 0:
@@ -161,7 +157,6 @@ class RewardRunner:
             )
         self.fn = fn
         self.timeout_s = timeout_s
-        self.on_failure = on_failure
         self.max_stuck_threads = max_stuck_threads
         self.overlong_buffer_len = overlong_buffer_len
         self.overlong_penalty_factor = overlong_penalty_factor
@@ -203,7 +198,7 @@ class RewardRunner:
         extras: dict[str, list[float]] = {}
         for i, (status, score, metrics) in enumerate(outcomes):
             if status != "ok":
-                score = 0.0 if self.on_failure == "zero" else math.nan
+                score = 0.0
             elif self.overlong_buffer_len > 0:
                 penalty = overlong_penalty(
                     response_lengths[i], self.max_resp_len, self.overlong_buffer_len,

@@ -1,6 +1,6 @@
 """`actor.reset_optimizer_states_freq`: the optimizer state is really zeroed under every ZeRO stage
 the config allows (0-3), and training goes on from Adam step 1. ZeRO-2 and ZeRO-3 over two ranks
-are also covered in test_learner_core.py; here each stage runs on one rank, all four engines in
+are also covered in test_learner_step.py; here each stage runs on one rank, all four engines in
 one subprocess (one process group). The learner service's cadence and its `actor/optimizer_resets`
 counter are checked end to end in tests/services/test_math_tiny.py."""
 
@@ -21,12 +21,12 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import numpy as np, torch
-    from async_pmd import learner_core as lc
+    from async_pmd import ds_engine, pmd_step
     from async_pmd.config import ActorConfig, LearnerConfig, PolicyLossConfig
     from async_pmd.models import build_tiny_model, load_model
     from async_pmd.wire import TrainBatch
 
-    lc.setup_deepspeed_env(0, 1, int(sys.argv[1]))
+    ds_engine.setup_deepspeed_env(0, 1, int(sys.argv[1]))
     path = build_tiny_model(sys.argv[2] + "/tiny")
     # one group: "0+1=" answered twice, advantages +1 / -1, so every step has a real gradient
     prompts = np.array([[4, 23, 5, 27]] * 2, np.int32)
@@ -40,16 +40,16 @@ SCRIPT = textwrap.dedent(
     actor = ActorConfig(lr=1e-2, policy_loss=PolicyLossConfig(loss_mode="opmd", pmd_tau=1.0))
     report = {}
     for stage in (0, 1, 2, 3):
-        engine = lc.init_engine(load_model(path), actor, LearnerConfig(zero_stage=stage), 1, total_steps=10)
-        lc.train_on_batch(engine, batch, actor, 0, 1)
-        lc.train_on_batch(engine, batch, actor, 0, 1)
-        state = lc.base_optimizer(engine).state
+        engine = ds_engine.init_engine(load_model(path), actor, LearnerConfig(zero_stage=stage), 1, total_steps=10)
+        pmd_step.train_on_batch(engine, batch, actor, 0, 1)
+        pmd_step.train_on_batch(engine, batch, actor, 0, 1)
+        state = ds_engine.base_optimizer(engine).state
         nonzero_before = sum(bool(v.abs().sum() > 0) for s in state.values() for v in s.values())
-        zeroed = lc.reset_optimizer_state(engine)
+        zeroed = ds_engine.reset_optimizer_state(engine)
         all_zero = all(float(v.abs().sum()) == 0.0 for s in state.values() for v in s.values())
-        before = {k: v.clone() for k, v in lc.full_state_dict(engine, stage).items()}
-        metrics = lc.train_on_batch(engine, batch, actor, 0, 1)
-        after = lc.full_state_dict(engine, stage)
+        before = {k: v.clone() for k, v in ds_engine.full_state_dict(engine, stage).items()}
+        metrics = pmd_step.train_on_batch(engine, batch, actor, 0, 1)
+        after = ds_engine.full_state_dict(engine, stage)
         report[stage] = {
             "tensors": sum(len(s) for s in state.values()), "nonzero_before": nonzero_before,
             "zeroed": zeroed, "all_zero": all_zero,
@@ -67,7 +67,7 @@ SCRIPT = textwrap.dedent(
 def test_reset_zeroes_state_under_every_zero_stage_and_training_continues(tmp_path):
     """Stages 0-3: after two steps Adam's state is non-zero; reset zeroes every tensor of it
     (exp_avg, exp_avg_sq, step); the next step runs from Adam step 1 and moves the weights."""
-    from async_pmd.learner_core import find_free_port
+    from async_pmd.ds_engine import find_free_port
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"

@@ -188,7 +188,7 @@ def wait_until(predicate, timeout_s=5.0):
 
 @pytest.mark.usefixtures("release_hung_calls")
 def test_failures_become_statuses_and_zeros():
-    runner = RewardRunner(misbehaving, timeout_s=0.2, on_failure="zero", max_workers=4)
+    runner = RewardRunner(misbehaving, timeout_s=0.2, max_workers=4)
     start = time.monotonic()
     rewards, statuses, extras = runner.score_group("p", BEHAVIOURS, "1", {})
     assert time.monotonic() - start < 1.5  # the hang costs one 0.2 s timeout, not 10 s
@@ -202,15 +202,6 @@ def test_failures_become_statuses_and_zeros():
     RELEASE.set()
     assert wait_until(lambda: runner.num_stuck == 0)
     runner.close()
-
-
-@pytest.mark.usefixtures("release_hung_calls")
-def test_drop_group_marks_failures_nan():
-    runner = RewardRunner(misbehaving, timeout_s=0.2, on_failure="drop_group")
-    rewards, statuses, _ = runner.score_group("p", BEHAVIOURS, "1", {})
-    failed = [s != "ok" for s in statuses]
-    assert np.isnan(rewards).tolist() == failed
-    np.testing.assert_array_equal(rewards[[0, 7, 9]], [1.0, 0.5, 0.25])
 
 
 @pytest.mark.usefixtures("release_hung_calls")
@@ -293,7 +284,6 @@ def test_runner_applies_the_overlong_penalty_to_successes():
     "kwargs, message",
     [
         ({"timeout_s": 0}, "timeout_s"),
-        ({"on_failure": "skip"}, "on_failure"),
         ({"max_workers": 0}, "max_workers"),
         ({"max_stuck_threads": 0}, "max_stuck_threads"),
         ({"overlong_buffer_len": 4}, "max_resp_len"),

@@ -1,7 +1,7 @@
 """The SGLang engine's CPU-checkable parts: the not-installed path and the pure translation helpers.
 
-The engine itself needs sglang and a GPU (FIELD-NOTES: sglang pins a CUDA torch, so it never
-shares the CPU venv); those tests skip with the reason.
+The engine itself needs sglang, which pins a CUDA torch and so never shares the CPU venv;
+those tests skip with the reason.
 """
 
 import os

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from async_pmd import wire
-from async_pmd.config import ValKwargs, build_config
-from async_pmd.data import make_task
+from async_pmd.config import DataConfig, ValKwargs, build_config
+from async_pmd.data import configured_source, make_task
 from async_pmd.models import build_char_tokenizer
 from async_pmd.validation import build_requests, summarize, val_sampling
 
@@ -68,11 +68,12 @@ def test_pass_needs_full_marks():
 def test_requests_carry_the_val_split_through_the_wire():
     """Every val prompt lands in exactly one request (chunks of prompts_per_request), with the
     driver's encoding (character ids, task extra for the synthetic reward) and the overrides."""
-    prompts = make_task("add_mod10", split="val")  # 20 held-out prompts
     tokenizer = build_char_tokenizer()
+    # 20 held-out prompts, tokenized once at load as the job's val source does
+    prompts = configured_source(DataConfig(), tokenizer, split="val").next_batch(20)
+    prompts.sort(key=lambda p: p.index)
     sampling = val_sampling(ValKwargs(n=2, do_sample=True, temperature=0.5, top_p=0.9))
-    requests = build_requests(prompts, tokenizer, apply_chat_template=True, sampling=sampling,
-                              prompts_per_request=8, tag="val7")
+    requests = build_requests(prompts, sampling=sampling, prompts_per_request=8, tag="val7")
     assert [len(r.uids) for r in requests] == [8, 8, 4]
     decoded = [wire.decode(wire.encode(r), expect=wire.GenerationRequest) for r in requests]
     uids = [u for r in decoded for u in r.uids]
@@ -84,7 +85,7 @@ def test_requests_carry_the_val_split_through_the_wire():
     assert first.answers[0] == prompts[0].answer and first.extras[0] == {"task": "add_mod10"}
     assert first.sampling == {"n": 2, "temperature": 0.5, "top_p": 0.9}
     with pytest.raises(ValueError, match="prompts_per_request"):
-        build_requests(prompts, tokenizer, apply_chat_template=True, sampling={}, prompts_per_request=0, tag="x")
+        build_requests(prompts, sampling={}, prompts_per_request=0, tag="x")
 
 
 def test_val_split_is_never_the_train_split():

@@ -8,6 +8,7 @@ leave the buffer's state exactly as it was. Nothing else ever escapes `put`.
 
 import asyncio
 import copy
+import dataclasses
 
 import numpy as np
 from hypothesis import given, settings
@@ -24,13 +25,13 @@ MAX_BYTES = 64 * 1024
 
 def make_buffer():
     return GroupBuffer.__ray_actor_class__(
-        algorithm=AlgorithmConfig().model_dump(), buffer=BufferConfig(capacity_groups=64).model_dump(),
-        group_size=N, on_failure="zero", pad_token_id=0, max_wire_bytes=MAX_BYTES)
+        algorithm=AlgorithmConfig(), buffer=BufferConfig(capacity_groups=64), group_size=N, pad_token_id=0,
+        max_wire_bytes=MAX_BYTES)
 
 
 def snapshot(buffer) -> tuple[dict, dict]:
     """Everything the buffer holds and counts, but the refusal counter itself."""
-    status, state = buffer.status(), buffer.state_dict()
+    status, state = dataclasses.asdict(buffer.status()), buffer.state_dict()
     status.pop("refused"), state.pop("refused")
     return copy.deepcopy(state | {"held": buffer._store.held_uids()}), status
 
@@ -47,7 +48,7 @@ def test_every_hostile_message_is_refused_counted_and_changes_nothing():
     for i, (name, message) in enumerate(HOSTILE.items(), start=1):
         counts = asyncio.run(buffer.put(message))
         assert counts["refused"] == 1, name
-        assert buffer.status()["refused"] == i, name
+        assert buffer.status().refused == i, name
         assert snapshot(buffer) == before, name
     # And the buffer still takes good bytes afterwards.
     assert asyncio.run(buffer.put(VALID))["held"] == 2
@@ -72,11 +73,11 @@ def test_fuzzed_bytes_are_refused_without_change_or_accepted_whole(edits, resize
     before = snapshot(buffer)
     counts = asyncio.run(buffer.put(bytes(buf)))
     if counts.get("refused"):
-        assert snapshot(buffer) == before and buffer.status()["refused"] == 1
+        assert snapshot(buffer) == before and buffer.status().refused == 1
     else:
         decoded = wire.decode(bytes(buf), expect=wire.ScoredBatch)
         assert sum(v for k, v in counts.items()) == len(decoded.groups)
-        assert buffer.status()["refused"] == 0
+        assert buffer.status().refused == 0
 
 
 def test_reward_failures_are_counted_by_reason_and_checkpointed():
@@ -88,7 +89,7 @@ def test_reward_failures_are_counted_by_reason_and_checkpointed():
     batch.groups[0] = wire.ScoredGroup.from_rollout(batch.groups[0], rewards, status)
     buffer = make_buffer()
     asyncio.run(buffer.put(wire.encode(batch)))
-    assert buffer.status()["reward_failures"] == {"timeout": 2, "exception:ValueError": 1}
+    assert buffer.status().reward_failures == {"timeout": 2, "exception:ValueError": 1}
     restored = make_buffer()
     restored.load_state_dict(buffer.state_dict())
-    assert restored.status()["reward_failures"] == {"timeout": 2, "exception:ValueError": 1}
+    assert restored.status().reward_failures == {"timeout": 2, "exception:ValueError": 1}

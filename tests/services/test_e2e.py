@@ -18,7 +18,7 @@ REQUIRED_KEYS = {
     "groups/dispatched", "groups/trained", "groups/filtered", "groups/stale", "groups/failed",
     "groups/unfinished",
 }
-CHANCE = 0.01  # a random tiny model emits digit-then-EOS ~0.4% of the time (FIELD-NOTES)
+CHANCE = 0.01  # a random tiny model emits digit-then-EOS ~0.4% of the time (test_torch_engine.py: test_untrained_model_scores_at_chance_on_add_mod10)
 
 pytestmark = pytest.mark.slow
 

@@ -1,15 +1,15 @@
 """Faults injected for real into the running job: what it survives, and that nothing is lost.
 
-Each fixture runs the whole job (`services.trainer.Trainer`, which starts its own private Ray,
+Each fixture runs the whole job (`job.loop.Trainer`, which starts its own private Ray,
 Serve, a torch generator, a scorer, the GroupBuffer and a DeepSpeed learner) in this process, with
 an injector thread doing the damage from outside, then the tests read what the run wrote:
 
 - generator_run: the generator replica's process is SIGKILLed three times (its pid asked of the
   service itself), the reward function raises / hangs / returns NaN / returns a string under
-  `scorer.on_failure=drop_group`, hostile wire messages are put straight into the live buffer,
+  `buffer.on_reward_failure=drop_group`, hostile wire messages are put straight into the live buffer,
   and the job's listening sockets are listed.
 - learner_run: the learner rank's process is SIGKILLed after a checkpoint; the trainer rebuilds
-  the job from that checkpoint. The same faulty rewards run under `on_failure=zero`, hostile
+  the job from that checkpoint. The same faulty rewards run under `on_reward_failure=zero`, hostile
   TrainBatch bytes are sent straight to the new learner rank, and the learner is made ~16x slower
   than generation (ppo_epochs x mini-batches) while staleness allows anything, so only the caps
   bound memory: a sampler thread records their peaks through the whole run, restart included.
@@ -32,16 +32,14 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-from ray import serve
 
-from async_pmd import wire
+from async_pmd import names, wire
 from async_pmd.checkpoint import STATE_FILE, checkpoint_root, latest
 from async_pmd.config import load_config
+from async_pmd.ds_engine import find_free_port
 from bad_wire import hostile, scored_batch, train_batch
-from services.buffer import BUFFER_NAME
-from services.generator import APP_NAME as GENERATOR_APP
-from services.learner import free_port
-from services.trainer import Trainer
+from job.deploy import generator_handle
+from job.loop import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -81,10 +79,10 @@ def run_job(out: Path, model_dir: Path, name: str, overrides: list[str], *inject
     """Run the job in this process, each `inject(trainer, seen, done)` in a thread beside it."""
     cfg = load_config(REPO / "configs" / "cluster.yaml", [
         f"trainer.output_dir={out}", f"trainer.experiment_name={name}", f"model.path={model_dir}",
-        "trainer.total_minutes=null", f"trainer.max_wire_bytes={MAX_WIRE_BYTES}", *overrides])
+        "trainer.total_minutes=null", f"wire.max_bytes={MAX_WIRE_BYTES}", *overrides])
     trainer, seen, done, errors = Trainer(cfg), {}, threading.Event(), []
     handler = _Lines()
-    logging.getLogger("services").addHandler(handler)
+    logging.getLogger("job").addHandler(handler)
 
     def guarded(inject):
         try:
@@ -151,20 +149,20 @@ MAX_KILLS = 6
 
 
 def _retries(trainer: Trainer) -> int:
-    return ray.get(trainer.driver.status.remote())["retries"]
+    return ray.get(trainer.services.driver.status.remote()).retries
 
 
 def _kill_busy_generator(trainer: Trainer, generator, done: threading.Event) -> dict:
     """SIGKILL the replica (its pid asked of the service) while its engine is generating."""
     for _ in range(500):
-        stats = generator.stats.remote().result(timeout_s=WAIT_S)
-        if stats["busy"]:
+        status = generator.status.remote().result(timeout_s=WAIT_S)
+        if status["busy"]:
             break
         time.sleep(0.01)
     retries_before, step = _retries(trainer), trainer.step
-    os.kill(stats["pid"], signal.SIGKILL)
+    os.kill(status["pid"], signal.SIGKILL)
     wait_for(lambda: trainer.step >= step + 2, done)  # a replacement replica is serving
-    return {"step": step, "pid": stats["pid"], "busy": stats["busy"],
+    return {"step": step, "pid": status["pid"], "busy": status["busy"],
             "reissued": _retries(trainer) - retries_before}
 
 
@@ -174,13 +172,13 @@ def _kill_generators_and_send_bad_wire(trainer: Trainer, seen: dict, done: threa
     between two requests has nothing to re-issue)."""
     wait_for(lambda: trainer.step >= 2, done)
     seen["listeners"] = listening_sockets()
-    buffer = ray.get_actor(BUFFER_NAME, namespace=trainer.cfg.ray.namespace)
+    buffer = ray.get_actor(names.BUFFER, namespace=trainer.cfg.ray.namespace)
     valid = wire.encode(scored_batch(["bad-wire-0"], trainer.cfg.generator.n))
     oversized = wire.encode(scored_batch(["bad-wire-big"], trainer.cfg.generator.n, response_len=MAX_WIRE_BYTES // 32),
                             max_bytes=2**30)
     seen["wire"] = {name: ray.get(buffer.put.remote(message))
                     for name, message in hostile(valid, kind="ScoredBatch", oversized=oversized).items()}
-    generator = serve.get_deployment_handle("Generator", app_name=GENERATOR_APP)
+    generator = generator_handle()
     seen["kills"] = []
     while sum(k["reissued"] > 0 for k in seen["kills"]) < EFFECTIVE_KILLS and len(seen["kills"]) < MAX_KILLS:
         wait_for(lambda: trainer.step >= 4 + (seen["kills"][-1]["step"] + 2 if seen["kills"] else 0), done)
@@ -194,8 +192,8 @@ def generator_run(tmp_path_factory, model_dir) -> Job:
     before = set(listening_sockets())
     job = run_job(tmp_path_factory.mktemp("faults"), model_dir, "generator_kills", [
         f"trainer.total_steps={GENERATOR_STEPS}", "trainer.save_freq=0", "metrics.enabled=true",
-        f"metrics.export_port={free_port()}", f"scorer.reward_fn={FAULTY_REWARD}", "scorer.timeout_s=0.25",
-        "scorer.on_failure=drop_group"], _kill_generators_and_send_bad_wire)
+        f"metrics.export_port={find_free_port()}", f"scorer.reward_fn={FAULTY_REWARD}", "scorer.timeout_s=0.25",
+        "buffer.on_reward_failure=drop_group"], _kill_generators_and_send_bad_wire)
     job.seen["listeners"] = [s for s in job.seen["listeners"] if s not in before]
     return job
 
@@ -272,10 +270,10 @@ def _kill_learner_and_send_bad_wire(trainer: Trainer, seen: dict, done: threadin
     wait_for(lambda: trainer.step >= LEARNER_KILL_AFTER and latest(trainer.run_dir) is not None, done)
     seen["checkpoint"] = int(latest(trainer.run_dir).name.removeprefix("step_"))
     seen["killed_at"] = trainer.step
-    os.kill(trainer.learners.pids()[0], signal.SIGKILL)
+    os.kill(trainer.services.learners.pids()[0], signal.SIGKILL)
     # Once rebuilt and training again, send hostile TrainBatch bytes to the new rank 0.
     wait_for(lambda: trainer.last_metrics.get("learner/restarts") == 1, done)
-    rank = trainer.learners.ranks[0]
+    rank = trainer.services.learners.ranks[0]
     valid = wire.encode(train_batch())
     oversized = wire.encode(train_batch(rows=64, response_len=MAX_WIRE_BYTES // 64), max_bytes=2**30)
     seen["wire"] = {}
@@ -293,11 +291,11 @@ def _sample_caps(trainer: Trainer, seen: dict, done: threading.Event) -> None:
     seen["peaks"], seen["samples"] = peaks, 0
     while not done.is_set():
         try:
-            status = ray.get(trainer.driver.status.remote())
+            status = ray.get(trainer.services.driver.status.remote())
         except ray.exceptions.RayActorError:
             continue  # the driver being rebuilt after the learner's death
-        for key, value in (("inflight_requests", status["inflight_requests"]),
-                           ("held", status["buffer"]["held"]), ("unfinished", status["unfinished"])):
+        for key, value in (("inflight_requests", status.inflight_requests),
+                           ("held", status.buffer.held), ("unfinished", status.unfinished)):
             peaks[key] = max(peaks[key], value)
         seen["samples"] += 1
         time.sleep(0.05)
@@ -307,7 +305,7 @@ def _sample_caps(trainer: Trainer, seen: dict, done: threading.Event) -> None:
 def learner_run(tmp_path_factory, model_dir) -> Job:
     return run_job(tmp_path_factory.mktemp("faults"), model_dir, "learner_kill", [
         f"trainer.total_steps={LEARNER_STEPS}", f"trainer.save_freq={LEARNER_SAVE_FREQ}", "metrics.enabled=false",
-        f"scorer.reward_fn={FAULTY_REWARD}", "scorer.timeout_s=0.25", "scorer.on_failure=zero",
+        f"scorer.reward_fn={FAULTY_REWARD}", "scorer.timeout_s=0.25", "buffer.on_reward_failure=zero",
         "actor.ppo_epochs=4", "actor.ppo_mini_batch_size=8",  # 16 optimizer steps per learner step
         "buffer.max_staleness=1000", f"buffer.capacity_groups={CAPACITY}",
         f"driver.max_inflight_requests={MAX_INFLIGHT}"], _kill_learner_and_send_bad_wire, _sample_caps)
@@ -348,7 +346,7 @@ def test_scorer_faults_under_zero_policy_score_zero_and_keep_groups(learner_run)
     final = learner_run.final
     for reason in ("exception:ValueError", "timeout", "nonfinite", "type"):
         assert final.get(f"scorer/failures/{reason}", 0) > 0, reason
-    assert final["groups/failed"] == 0  # on_failure=zero: a failed reward is 0, its group trains
+    assert final["groups/failed"] == 0  # on_reward_failure=zero: a failed reward is 0, its group trains
 
 
 def test_bad_wire_sent_to_the_learner_is_refused_and_counted(learner_run):

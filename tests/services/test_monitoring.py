@@ -60,7 +60,7 @@ def test_readme_table_lists_exactly_the_metrics():
 
 def test_metric_names_follow_the_convention():
     """One prefix, async_pmd_<role>_<metric>; counters end in _total, histograms in a unit."""
-    roles = {"generator", "scorer", "buffer", "driver", "learner", "weights", "val"}
+    roles = {"generator", "scorer", "buffer", "driver", "actor", "weights", "val"}
     for name, spec in telemetry.METRICS.items():
         assert name.startswith(telemetry.PREFIX) and name.split("_")[2] in roles, name
         assert name.endswith("_total") == (spec.kind == "counter"), name

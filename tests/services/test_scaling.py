@@ -27,7 +27,7 @@ def _wait_until_serving(job: BackgroundJob, replica_ids: set[str], timeout_s: fl
     deadline = time.monotonic() + timeout_s
     while True:
         status = job.scale("status")
-        served = {r["replica_id"] for r in status["generators"] if (r.get("stats") or {}).get("requests", 0) > 0}
+        served = {r["replica_id"] for r in status["generators"] if (r.get("status") or {}).get("requests", 0) > 0}
         if replica_ids <= served:
             return status
         assert time.monotonic() < deadline, f"replicas {replica_ids - served} never served:\n{status}"
@@ -52,15 +52,15 @@ def test_scale_generators_up_and_down_while_training(tmp_path):
         assert kept["pid"] == original["pid"]
         new_ids = set(_by_id(up["generators"])) - {original["replica_id"]}
         for rid in new_ids:
-            stats = _by_id(up["generators"])[rid]["stats"]
-            assert stats["start_version"] >= published_before > 0, stats
+            status = _by_id(up["generators"])[rid]["status"]
+            assert status["start_version"] >= published_before > 0, status
 
         # The new replicas take traffic (Serve routes to them once their __init__ has returned).
         serving = _wait_until_serving(job, new_ids)
         assert _by_id(serving["generators"])[original["replica_id"]]["pid"] == original["pid"]
         for rid in new_ids:
-            stats = _by_id(serving["generators"])[rid]["stats"]
-            assert stats["policy_version"] >= stats["start_version"]
+            status = _by_id(serving["generators"])[rid]["status"]
+            assert status["policy_version"] >= status["start_version"]
 
         # 3 → 1: Serve stops the newest replicas after draining them; the original stays.
         steps_before_down = job.records()[-1]["step"]

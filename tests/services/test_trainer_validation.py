@@ -1,4 +1,4 @@
-"""Trainer.validate on the real services (local Ray, Serve, torch generator, DeepSpeed learner):
+"""Trainer.validate (`job.validate`) on the real services (local Ray, Serve, torch generator, DeepSpeed learner):
 validation reads the current weights and writes nothing back. It never changes the learner's
 weights, the data cursor, the ledger or the buffer, nothing it samples is trained on, and the
 loop validates every `trainer.test_freq` steps at the weights of that step.
@@ -26,7 +26,7 @@ SCENARIO = textwrap.dedent(
     from pathlib import Path
     import ray
     from async_pmd.config import load_config
-    from services.trainer import Trainer
+    from job.loop import Trainer
 
     repo, out = Path(sys.argv[1]), Path(sys.argv[2])
     cfg = load_config(repo / "configs" / "cluster.yaml", [
@@ -36,20 +36,20 @@ SCENARIO = textwrap.dedent(
     trainer = Trainer(cfg)
 
     def frozen_state(tag):
-        state = ray.get(trainer.driver.state_dict.remote())
-        trainer.learners.export_hf(str(out / f"hf_{tag}"))
+        state = ray.get(trainer.services.driver.state_dict.remote())
+        trainer.services.learners.export_hf(str(out / f"hf_{tag}"))
         weights = hashlib.sha256((out / f"hf_{tag}" / "model.safetensors").read_bytes()).hexdigest()
-        return {"driver": state, "weights": weights, "store_version": ray.get(trainer.store.version.remote())}
+        return {"driver": state, "weights": weights, "store_version": ray.get(trainer.services.store.version.remote())}
 
     try:
         trainer.setup()
-        ray.get(trainer.driver.pause.remote())  # hold training still, to see what validation moves
-        while ray.get(trainer.driver.status.remote())["inflight_requests"]:
+        ray.get(trainer.services.driver.pause.remote())  # hold training still, to see what validation moves
+        while ray.get(trainer.services.driver.status.remote()).inflight_requests:
             time.sleep(0.05)
         before = frozen_state("before")
         first, second = trainer.validate(), trainer.validate()
         after = frozen_state("after")
-        ray.get(trainer.driver.resume.remote())
+        ray.get(trainer.services.driver.resume.remote())
         trainer.train()
     finally:
         trainer.cleanup()

@@ -1,4 +1,4 @@
-"""learner_core on real DeepSpeed (CPU, gloo): the forward agrees with the sampler, an update
+"""The learner rank's parts on real DeepSpeed (CPU, gloo): `ds_engine` and `pmd_step`: the forward agrees with the sampler, an update
 moves log-probs the way the advantages say, weights gather whole, the optimizer resets, and a
 checkpoint round-trips exactly.
 
@@ -23,7 +23,7 @@ import torch
 from async_pmd.config import ActorConfig, LearnerConfig, PolicyLossConfig
 from async_pmd.engines import SamplingParams
 from async_pmd.engines.torch_engine import TorchEngine
-from async_pmd.learner_core import (
+from async_pmd.ds_engine import (
     base_optimizer,
     ds_config,
     find_free_port,
@@ -31,13 +31,11 @@ from async_pmd.learner_core import (
     init_engine,
     load_checkpoint,
     lr_factor,
-    plan_mini_batches,
     reset_optimizer_state,
-    response_log_probs,
     save_checkpoint,
     setup_deepspeed_env,
-    train_on_batch,
 )
+from async_pmd.pmd_step import plan_mini_batches, response_log_probs, train_on_batch
 from async_pmd.models import build_tiny_model, load_model
 from async_pmd.wire import TrainBatch
 
@@ -97,7 +95,7 @@ def actor_config(**kw) -> ActorConfig:
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("learner_core") / "tiny")
+    return build_tiny_model(tmp_path_factory.mktemp("learner_step") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -303,25 +301,25 @@ ZERO3_RANK = textwrap.dedent(
     """
     import json, sys, time
     rank, port, model_path, work = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    from async_pmd.learner_core import setup_deepspeed_env
+    from async_pmd.ds_engine import setup_deepspeed_env
     setup_deepspeed_env(rank, 2, port)
     import numpy as np, torch
-    from async_pmd import learner_core as lc
+    from async_pmd import ds_engine, pmd_step
     from async_pmd.config import ActorConfig, LearnerConfig
     from async_pmd.models import load_model
-    from tests.async_pmd.test_learner_core import make_batch, PROMPTS
+    from tests.async_pmd.test_learner_step import make_batch, PROMPTS
 
     torch.set_num_threads(1)
     reference = dict(load_model(model_path).named_parameters())
     actor = ActorConfig(lr=1e-2, ppo_mini_batch_size=1)
     start = time.perf_counter()
     # Persistence threshold 0: even tiny tensors are partitioned, so the gather is real.
-    engine = lc.init_engine(load_model(model_path), actor, LearnerConfig(zero_stage=3), 2, total_steps=10,
+    engine = ds_engine.init_engine(load_model(model_path), actor, LearnerConfig(zero_stage=3), 2, total_steps=10,
                             config_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     init_s = time.perf_counter() - start
     assert all(p.numel() == 0 for p in engine.module.parameters()), "parameters not partitioned"
 
-    state = lc.full_state_dict(engine, 3)
+    state = ds_engine.full_state_dict(engine, 3)
     if rank == 0:
         assert list(state) == list(reference)
         for name, t in state.items():
@@ -331,17 +329,17 @@ ZERO3_RANK = textwrap.dedent(
 
     # 3 rows, 2 ranks: rank 1 owns only row 1, so in one of the 2 mini-batches it trains a dummy row.
     batch = make_batch(PROMPTS[:2] + [PROMPTS[1]], [[10, 1], [11], [12, 1]], ["a", "b", "b"], [1.0, -1.0, 1.0])
-    metrics = lc.train_on_batch(engine, batch, actor, rank, 2)
+    metrics = pmd_step.train_on_batch(engine, batch, actor, rank, 2)
     assert metrics["actor/num_optimizer_steps"] == 2.0 and all(np.isfinite(list(metrics.values())))
-    assert lc.reset_optimizer_state(engine) > 0
-    lc.train_on_batch(engine, batch, actor, rank, 2)
+    assert ds_engine.reset_optimizer_state(engine) > 0
+    pmd_step.train_on_batch(engine, batch, actor, rank, 2)
 
-    trained = lc.full_state_dict(engine, 3)
-    lc.save_checkpoint(engine, work + "/ckpt", {"step": 2})
-    lc.train_on_batch(engine, batch, actor, rank, 2)
-    assert lc.load_checkpoint(engine, work + "/ckpt")["step"] == 2
-    restored = lc.full_state_dict(engine, 3)
-    exported = lc.export_hf(engine, 3, work + "/hf")
+    trained = ds_engine.full_state_dict(engine, 3)
+    ds_engine.save_checkpoint(engine, work + "/ckpt", {"step": 2})
+    pmd_step.train_on_batch(engine, batch, actor, rank, 2)
+    assert ds_engine.load_checkpoint(engine, work + "/ckpt")["step"] == 2
+    restored = ds_engine.full_state_dict(engine, 3)
+    exported = ds_engine.export_hf(engine, 3, work + "/hf")
     if rank == 0:
         assert any(not torch.equal(trained[n], reference[n]) for n in trained)
         assert all(torch.equal(restored[n], trained[n]) for n in trained)

@@ -16,7 +16,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 
-SETUP_HOOK = "services.loopback.bind_serve_grpc_to_loopback"  # runtime_env worker_process_setup_hook
+SETUP_HOOK = "job.loopback.bind_serve_grpc_to_loopback"  # runtime_env worker_process_setup_hook
 _REPLICA = "ray.serve._private.replica"
 _ANY_HOST = "[::]:"
 

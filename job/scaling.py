@@ -3,7 +3,7 @@
 Used by `python -m async_pmd.scale` from a process that has joined the job's Ray. The count is
 set through the Serve controller's `update_deployment_replicas`, the call behind Serve's public
 REST route `POST /api/v1/applications/{app}/deployments/{dep}/scale` (which needs the dashboard;
-the embedded job runs without one). It is allowed because the trainer deploys both apps with
+the embedded job runs without one). It is allowed because the job deploys both apps with
 `external_scaler_enabled=True` (generators: unless they autoscale). Unlike a second `serve.run`,
 it keeps the running replicas: a scale-up only adds replicas (each pulls the newest weights in
 `__init__`, before Serve routes to it), and a scale-down lets Serve remove the newest replicas
@@ -20,12 +20,11 @@ from ray import serve
 from ray.serve._private.common import DeploymentID
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-from services.generator import APP_NAME as GENERATOR_APP
-from services.scorer import APP_NAME as SCORER_APP
-from services.weights import STORE_NAME
+from async_pmd import names
 
 # CLI role -> (Serve app, deployment)
-ROLES = {"generators": (GENERATOR_APP, "Generator"), "scorers": (SCORER_APP, "RewardScorer")}
+ROLES = {"generators": (names.GENERATOR_APP, names.GENERATOR_DEPLOYMENT),
+         "scorers": (names.SCORER_APP, names.SCORER_DEPLOYMENT)}
 _POLL_S = 0.5
 
 
@@ -47,24 +46,24 @@ def deployment(role: str) -> dict:
         raise ScaleError(f"no Serve deployment {app}/{name} in this Ray: is the job running?") from None
 
 
-def replicas(role: str, with_stats: bool = True) -> list[dict]:
-    """Live replicas of `role`: replica_id, state, pid, start_time_s, and with `with_stats` the
-    replica's own `stats()` (RUNNING replicas only), oldest first."""
+def replicas(role: str, with_status: bool = True) -> list[dict]:
+    """Live replicas of `role`: replica_id, state, pid, start_time_s, and with `with_status` the
+    replica's own `status()` (RUNNING replicas only), oldest first."""
     rows = [{"replica_id": r["replica_id"], "state": getattr(r["state"], "value", r["state"]), "pid": r.get("pid"),
              "start_time_s": r["start_time_s"]} for r in deployment(role)["replicas"]]
-    if with_stats and any(r["state"] == "RUNNING" for r in rows):
+    if with_status and any(r["state"] == "RUNNING" for r in rows):
         app, name = ROLES[role]
-        stats = serve.get_deployment_handle(name, app_name=app).broadcast("stats").results(
+        statuses = serve.get_deployment_handle(name, app_name=app).broadcast("status").results(
             timeout_s=60, return_exceptions=True)
-        by_pid = {s["pid"]: s for s in stats if isinstance(s, dict)}
+        by_pid = {s["pid"]: s for s in statuses if isinstance(s, dict)}
         for r in rows:
-            r["stats"] = by_pid.get(r["pid"])
+            r["status"] = by_pid.get(r["pid"])
     return sorted(rows, key=lambda r: r["start_time_s"])
 
 
 def published_version(namespace: str) -> int:
     """The WeightStore's newest version (-1 before the first publish)."""
-    return ray.get(ray.get_actor(STORE_NAME, namespace=namespace).version.remote())
+    return ray.get(ray.get_actor(names.WEIGHT_STORE, namespace=namespace).version.remote())
 
 
 def scale(role: str, num_replicas: int, *, timeout_s: float = 120.0, allow_pending: bool = False) -> dict:
@@ -77,7 +76,7 @@ def scale(role: str, num_replicas: int, *, timeout_s: float = 120.0, allow_pendi
     if num_replicas < 1:
         raise ScaleError("the job needs at least 1 replica of each role")
     app, name = ROLES[role]
-    before = replicas(role, with_stats=False)
+    before = replicas(role, with_status=False)
     if not allow_pending:
         _check_resources(role, num_replicas - len(before))
     try:
@@ -107,7 +106,7 @@ def _check_resources(role: str, added: int) -> None:
 def _wait_for(role: str, num_replicas: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        states = [r["state"] for r in replicas(role, with_stats=False)]
+        states = [r["state"] for r in replicas(role, with_status=False)]
         if len(states) == num_replicas and all(s == "RUNNING" for s in states):
             return
         if time.monotonic() > deadline:

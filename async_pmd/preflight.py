@@ -1,0 +1,59 @@
+"""The checks a valid config must still pass on this machine before the job starts.
+
+`async_pmd.config` validates a config on its own terms (types, bounds, cross-section rules) and
+touches nothing outside it, so a resolved config can be printed or shipped anywhere. What
+depends on this machine or on code registered at import time is checked here, once, by the
+launcher, before Ray or any actor starts: the registered estimator and loss names, the engine
+being installed, the model directory existing, the learner fitting a private Ray.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from async_pmd import algos
+from async_pmd.config import ClusterConfig, ConfigError
+
+
+def check_runnable(cfg: ClusterConfig) -> None:
+    """Raise ConfigError naming every key that cannot run here."""
+    errors = [e for check in (_registered_names, _engine_installed, _model_present, _learner_fits_machine)
+              for e in check(cfg)]
+    if errors:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {key}: {msg}" for key, msg in errors))
+
+
+def _registered_names(cfg: ClusterConfig):
+    if cfg.algorithm.adv_estimator not in algos.list_adv_estimators():
+        yield "algorithm.adv_estimator", (f"unknown {cfg.algorithm.adv_estimator!r}; "
+                                          f"registered: {algos.list_adv_estimators()}")
+    loss = cfg.actor.policy_loss.loss_mode
+    if loss not in algos.list_policy_losses():
+        yield "actor.policy_loss.loss_mode", f"unknown {loss!r}; registered: {algos.list_policy_losses()}"
+    if loss == "opmd" and cfg.actor.loss_agg_mode not in algos.OPMD_AGG_MODES:
+        yield "actor.loss_agg_mode", f"opmd takes {' or '.join(algos.OPMD_AGG_MODES)}, got {cfg.actor.loss_agg_mode!r}"
+
+
+def _engine_installed(cfg: ClusterConfig):
+    if cfg.generator.engine == "sglang" and importlib.util.find_spec("sglang") is None:
+        yield "generator.engine", ("engine 'sglang' is not installed here; on a GPU machine run "
+                                   "`pip install 'async-pmd[sglang]'`, or set generator.engine=torch")
+
+
+def _model_present(cfg: ClusterConfig):
+    if not cfg.model.build_tiny and not (Path(cfg.model.path) / "config.json").is_file():
+        yield "model.path", (f"{cfg.model.path!r} is not a local Hugging Face model directory (no config.json); "
+                             "nothing is downloaded: point model.path at a local copy, or set model.build_tiny=true")
+
+
+def _learner_fits_machine(cfg: ClusterConfig):
+    # A private Ray cannot place more learner CPUs than it has: the ranks would wait forever.
+    # On a cluster (ray.address set) the cluster's resources decide, not this machine's.
+    lc = cfg.learner
+    cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    if cfg.ray.address is None and lc.num_ranks * lc.num_cpus_per_rank > cpus:
+        yield "learner.num_ranks", (
+            f"{lc.num_ranks} ranks x learner.num_cpus_per_rank ({lc.num_cpus_per_rank:g}) need more CPUs than "
+            f"the {cpus} here: lower learner.num_ranks, or join a cluster with ray.address")
