@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
-    from job import scaling
+    from job import scaling  # the job package, loaded only when the command runs
 
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")

@@ -1,6 +1,6 @@
 """What crosses an actor boundary is data, never code; user code comes only from the configured path.
 
-Contract: no module of `async_pmd/` or `services/` imports a pickle-like codec or calls `eval`,
+Contract: no module of `async_pmd/`, `services/` or `job/` imports a pickle-like codec or calls `eval`,
 `exec`, `torch.load` or an unsafe YAML loader (batches travel as `async_pmd.wire` bytes, checked
 by the tests of tests/services/test_buffer_wire.py and test_faults.py); a reward spec is resolved
 by import of exactly the module or file it names, and a spec that is code is refused unrun.
@@ -22,7 +22,7 @@ ATTRIBUTE_CALLS = {("torch", "load"), ("yaml", "load"), ("yaml", "unsafe_load"),
 
 
 def sources():
-    for package in ("async_pmd", "services"):
+    for package in ("async_pmd", "services", "job"):
         yield from sorted((REPO / package).rglob("*.py"))
 
 
