@@ -347,6 +347,14 @@ class ClusterConfig(Section):
                 f"buffer.max_staleness ({self.buffer.max_staleness}) must be >= weight_sync.interval - 1 "
                 f"({self.weight_sync.interval - 1}): generators only see every interval-th version"
             )
+        k, batch = self.generator.prompts_per_request, self.data.train_batch_size
+        if (k - 1) // batch + self.weight_sync.interval - 1 > self.buffer.max_staleness:
+            raise ValueError(
+                f"generator.prompts_per_request ({k}) over data.train_batch_size ({batch}) spans "
+                f"{(k - 1) // batch + 1} learner steps, more than buffer.max_staleness ({self.buffer.max_staleness}) "
+                f"allows with weight_sync.interval {self.weight_sync.interval}: the driver could never dispatch "
+                "a request without its last groups going stale; lower generator.prompts_per_request or raise "
+                "buffer.max_staleness")
         if self.buffer.capacity_groups < self.data.train_batch_size + self.generator.prompts_per_request:
             raise ValueError("buffer.capacity_groups must hold a train batch plus one request "
                              "(data.train_batch_size + generator.prompts_per_request)")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 OUTCOMES = ("trained", "filtered", "stale", "failed", "duplicate", "malformed")
 _PUT_OUTCOMES = ("duplicate", "malformed", "failed", "filtered")  # what `put` decides (besides `held`)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: pending_resolved holds [uid, outcome, step]
 
 
 class BufferFull(RuntimeError):
@@ -73,7 +73,10 @@ class GroupStore:
         self._estimator = get_adv_estimator_fn(algorithm.adv_estimator)  # fail at build, not at step 1
         self._held: OrderedDict[str, ScoredGroup] = OrderedDict()
         self._seen: set[str] = set()  # every uid ever classified, held ones included
-        self._resolved: list[str] = []  # classified for good, not yet drained by the driver
+        self._resolved: list[tuple[str, str, int]] = []  # (uid, outcome, step) not yet drained by the driver
+        # (learner step, groups) of batches taken but not known trained yet (the next step's take,
+        # or `confirm`, tells): a stop between take and train must not count them trained.
+        self._in_training: list[tuple[int, list[ScoredGroup]]] = []
         self._counts = dict.fromkeys(OUTCOMES, 0)
 
     # ------------------------------------------------------------------ protocol
@@ -116,30 +119,42 @@ class GroupStore:
         return {**counts, "held": len(to_hold)}
 
     def take(self, num_groups: int, learner_step: int) -> tuple[TrainBatch | None, dict]:
-        """Drop stale groups, then pop the oldest `num_groups` as a TrainBatch of B = num_groups·n rows.
+        """Drop stale groups, then pop the oldest `num_groups` as a TrainBatch of B = num_groups·n rows
+        (in uid order). They count as trained once `learner_step` is confirmed done (`confirm`, or
+        a take for a later step); until then they are held, and a checkpoint saves them as pending.
 
         Returns (None, {}) while fewer than `num_groups` fresh groups are held.
         """
         if not 1 <= num_groups <= self.capacity_groups:
             raise ValueError(f"num_groups must be in [1, capacity_groups={self.capacity_groups}], "
                              f"got {num_groups}")
+        self.confirm(learner_step)  # the loop takes step k only after step k - 1 was trained
         stale = [u for u, g in self._held.items() if learner_step - g.policy_version > self.max_staleness]
         for uid in stale:
             del self._held[uid]
         self._resolve("stale", stale)
         if len(self._held) < num_groups:
             return None, {}
-        groups = list(islice(self._held.values(), num_groups))
+        # The oldest groups, in uid order: the rows of a batch do not depend on which request of
+        # the same step happened to arrive first (same seed, same batch, bit for bit).
+        groups = sorted(islice(self._held.values(), num_groups), key=lambda g: g.uid)
         batch, metrics = self._build(groups, learner_step)  # before popping: a raise loses nothing
         for g in groups:
             del self._held[g.uid]
-        self._resolve("trained", [g.uid for g in groups])
+        self._in_training.append((learner_step, groups))
         metrics["groups/stale_dropped"] = float(len(stale))
         metrics["groups/held_after"] = float(len(self._held))
         return batch, metrics
 
-    def drain_resolved(self) -> list[str]:
-        """Uids resolved for good (trained / filtered / stale / failed / malformed) since the last call."""
+    def confirm(self, trained_steps: int) -> None:
+        """Learner steps 0 .. trained_steps - 1 are done: the batches taken for them are trained."""
+        for learner_step, groups in [b for b in self._in_training if b[0] < trained_steps]:
+            self._resolve("trained", [g.uid for g in groups], step=learner_step + 1)
+        self._in_training = [b for b in self._in_training if b[0] >= trained_steps]
+
+    def drain_resolved(self) -> list[tuple[str, str, int]]:
+        """(uid, outcome, step) resolved for good since the last call: outcome is trained (at `step`,
+        the metrics step), filtered, stale, failed or malformed (`step` 0)."""
         out, self._resolved = self._resolved, []
         return out
 
@@ -149,16 +164,19 @@ class GroupStore:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Groups by outcome since the start (or the loaded state), plus `held` now."""
-        return {**self._counts, "held": len(self._held)}
+        """Groups by outcome since the start (or the loaded state), plus `held` now (a batch taken
+        but not confirmed trained counts as held)."""
+        return {**self._counts, "held": len(self._held) + sum(len(g) for _, g in self._in_training)}
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """JSON-native counters and resolved uids. Held groups are not saved: their uids stay
-        unseen, so the driver's re-issue of them after a resume is accepted, not a duplicate."""
+        """JSON-native counters and resolved uids. Held groups, and a batch taken but not confirmed
+        trained, are not saved: their uids stay unseen, so the driver's re-issue of them after a
+        resume is accepted, not a duplicate."""
+        unsaved = self._held.keys() | {g.uid for _, groups in self._in_training for g in groups}
         return {"version": STATE_VERSION, "counters": dict(self._counts),
-                "seen": sorted(self._seen - self._held.keys()), "pending_resolved": list(self._resolved)}
+                "seen": sorted(self._seen - unsaved), "pending_resolved": [list(r) for r in self._resolved]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` output into a store that holds nothing; ValueError on a bad state."""
@@ -173,19 +191,23 @@ class GroupStore:
         if not isinstance(counters, dict) or set(counters) != set(OUTCOMES) or \
                 not all(type(v) is int and v >= 0 for v in counters.values()):
             raise ValueError(f"GroupStore state: counters must map exactly {OUTCOMES} to ints >= 0")
-        for key in ("seen", "pending_resolved"):
-            if not isinstance(state[key], list) or not all(isinstance(u, str) for u in state[key]):
-                raise ValueError(f"GroupStore state: {key} must be a list of str uids")
-        if not set(state["pending_resolved"]) <= set(state["seen"]):
+        if not isinstance(state["seen"], list) or not all(isinstance(u, str) for u in state["seen"]):
+            raise ValueError("GroupStore state: seen must be a list of str uids")
+        resolved = state["pending_resolved"]
+        if not isinstance(resolved, list) or not all(
+                isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and r[1] in OUTCOMES
+                and type(r[2]) is int for r in resolved):
+            raise ValueError("GroupStore state: pending_resolved must be a list of [uid, outcome, step]")
+        if not {r[0] for r in resolved} <= set(state["seen"]):
             raise ValueError("GroupStore state: pending_resolved has uids not in seen")
         self._counts, self._seen = dict(counters), set(state["seen"])
-        self._resolved = list(state["pending_resolved"])
+        self._resolved = [tuple(r) for r in resolved]
 
     # ------------------------------------------------------------------ helpers
 
-    def _resolve(self, outcome: str, uids: list[str]) -> None:
+    def _resolve(self, outcome: str, uids: list[str], step: int = 0) -> None:
         self._counts[outcome] += len(uids)
-        self._resolved += uids
+        self._resolved += [(u, outcome, step) for u in uids]
 
     def _effective_rewards(self, g: ScoredGroup) -> np.ndarray | None:
         """float32[n] rewards to train on, or None if the group fails under the failure policy."""

@@ -37,10 +37,17 @@ def may_dispatch(*, steps_taken: int, outstanding: int, new: int, published_vers
     `steps_taken + outstanding // batch_groups`, so its staleness is at most the difference; keep
     that within `max_staleness` (0 = synchronous: generate only with the weights being trained).
     The buffer's capacity bounds memory whatever the learner's speed.
+
+    While fewer groups are out than one batch, the learner is waiting on these very groups, so
+    the first new group decides: filtered, stale and failed groups leave gaps that a whole
+    request may overshoot, and refusing it would leave the learner waiting for ever (the buffer
+    drops, and counts, a group that does grow too stale). A config whose every request spans
+    more learner steps than `max_staleness` allows is refused at load (`config.ClusterConfig`).
     """
     if outstanding + new > capacity_groups:
         return False
-    trained_at = steps_taken + (outstanding + new - 1) // batch_groups
+    first = outstanding if outstanding < batch_groups else outstanding + new - 1
+    trained_at = steps_taken + first // batch_groups
     return trained_at - published_version <= max_staleness
 
 
@@ -71,14 +78,11 @@ class Ledger:
         uids, prompts = map(list, zip(*live))
         return Request(request.request_id, uids, prompts, request.attempt + 1)
 
-    def fail(self, uids: list[str]) -> int:
-        """Give up on groups that are still unresolved; returns how many were failed."""
-        n = 0
-        for uid in uids:
-            if self.unresolved.pop(uid, None) is not None:
-                n += 1
-        self.failed += n
-        return n
+    def fail(self, uids: list[str]) -> list[str]:
+        """Give up on groups that are still unresolved; returns the uids failed now."""
+        failed = [uid for uid in uids if self.unresolved.pop(uid, None) is not None]
+        self.failed += len(failed)
+        return failed
 
     def resolve(self, uids: list[str]) -> None:
         """The buffer settled these uids (trained, filtered, stale or failed there)."""

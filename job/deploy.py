@@ -72,7 +72,7 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
     deploy_serve(cfg)
     driver = RolloutDriver.options(name=names.DRIVER, namespace=ns).remote(
         data=cfg.data, generator=cfg.generator, buffer=cfg.buffer, driver=cfg.driver, model_path=cfg.model.path,
-        namespace=ns)
+        namespace=ns, seed=cfg.trainer.seed)
     if state is not None:
         ray.get(driver.load_state_dict.remote(state["driver"]))
     return Services(store, buffer, learners, driver, driver.run.remote()), restored

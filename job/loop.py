@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -74,38 +76,60 @@ class Trainer:
         self.step, self._last_checkpoint = restored.step, resume_from
         if resume_from is not None:
             self._elapsed_before = restored.elapsed_s
+            self._log.roll_back(self.step)  # the records past the checkpoint are not on this timeline
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
+        """The loop, until `trainer.total_steps`, `trainer.total_minutes`, or a stop signal.
+
+        Ctrl-C or SIGTERM asks for a stop: the step in flight (if a batch was taken) is trained
+        and recorded, then the job drains and checkpoints; a second signal only says so again.
+        So a stop never counts an untrained batch as trained, nor checkpoints a half-applied step.
+        """
         cfg = self.cfg.trainer
-        deadline = time.monotonic() + cfg.total_minutes * 60 if cfg.total_minutes else None
+        self._deadline = time.monotonic() + cfg.total_minutes * 60 if cfg.total_minutes else None
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="pmd", dynamic_ncols=True)
-        try:
-            if cfg.val_before_train:
-                self._record_validation(self.validate(), bar)
-            while self.step < cfg.total_steps and (deadline is None or time.monotonic() < deadline):
-                try:
-                    metrics = self._train_step()
-                    if self._validator is not None and self._validator.due(self.step):
-                        metrics.update(self.validate())
-                    self._record_step(metrics, bar)
-                    if cfg.save_freq and self.step % cfg.save_freq == 0:
-                        self.save()
-                except LearnerDied as exc:
-                    self._restart_from_checkpoint(exc)
-                    bar.reset(total=cfg.total_steps)
-                    bar.update(self.step)
-        except KeyboardInterrupt:
-            logger.warning("interrupted at step %d: checkpointing before shutdown", self.step)
-        finally:
-            bar.close()
-        self._finish()
+        with _StopOnSignal() as stop:
+            self._stop = stop
+            try:
+                if cfg.val_before_train:
+                    self._record_validation(self.validate(), bar)
+                while self.step < cfg.total_steps and not self._should_stop():
+                    try:
+                        metrics = self._train_step()
+                        if metrics is None:  # stopped while waiting for a batch
+                            break
+                        if self._validator is not None and self._validator.due(self.step):
+                            metrics.update(self.validate())
+                        self._record_step(metrics, bar)
+                        if cfg.save_freq and self.step % cfg.save_freq == 0:
+                            self.save()
+                    except LearnerDied as exc:
+                        self._restart_from_checkpoint(exc)
+                        bar.reset(total=cfg.total_steps)
+                        bar.update(self.step)
+            finally:
+                bar.close()
+            self._finish()
         return self.last_metrics
 
-    def _train_step(self) -> dict:
+    def _should_stop(self) -> bool:
+        if self._stop.reason:
+            logger.warning("%s at step %d: draining and checkpointing before shutdown", self._stop.reason, self.step)
+            return True
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            logger.warning("trainer.total_minutes (%g) reached at step %d: draining and checkpointing",
+                           self.cfg.trainer.total_minutes, self.step)
+            return True
+        return False
+
+    def _train_step(self) -> dict | None:
         start = time.perf_counter()
-        payload, take_metrics = self._take()
+        taken = self._take()
+        if taken is None:
+            return None
+        payload, take_metrics = taken
         wait_s = time.perf_counter() - start
         train_start = time.perf_counter()
         metrics = self.services.learners.train_step(payload)
@@ -121,7 +145,8 @@ class Trainer:
                         "timing/weight_sync_s": sync_s})
         return metrics
 
-    def _take(self) -> tuple[ray.ObjectRef, dict]:
+    def _take(self) -> tuple[ray.ObjectRef, dict] | None:
+        """The batch of this step, or None when a stop came first (nothing was taken then)."""
         groups = self.cfg.data.train_batch_size
         while True:
             payload, metrics = self.services.buffer.take.options(num_returns=2).remote(groups, self.step, _TAKE_WAIT_S)
@@ -129,6 +154,8 @@ class Trainer:
             if metrics:
                 return payload, metrics
             self._check_driver()
+            if self._should_stop():
+                return None
 
     def _check_driver(self) -> None:
         ready, _ = ray.wait([self.services.driver_run], timeout=0)
@@ -137,7 +164,7 @@ class Trainer:
             raise RuntimeError("the rollout driver stopped while the learner was waiting for data")
 
     def _record_step(self, metrics: dict, bar: tqdm) -> None:
-        status = ray.get(self.services.driver.status.remote())
+        status = ray.get(self.services.driver.status.remote(trained_steps=self.step))
         metrics.update(record.accounting(status))
         metrics["learner/restarts"] = self._restarts.count
         self.last_metrics = {"step": self.step, "time/elapsed_s": self._elapsed(), **metrics}
@@ -167,7 +194,7 @@ class Trainer:
         """A complete checkpoint of this step (learner state, data cursor, pending prompts, accounting)."""
         tmp = checkpoint.begin(self.run_dir, self.step)
         self.services.learners.save(str(tmp / "learner"), {"step": self.step})
-        driver_state = ray.get(self.services.driver.state_dict.remote())
+        driver_state = ray.get(self.services.driver.state_dict.remote(trained_steps=self.step))
         state = {"step": self.step, "elapsed_s": self._elapsed(), "driver": driver_state}
         self._last_checkpoint = checkpoint.commit(tmp, state, self.cfg.checkpoint.max_to_keep)
         return self._last_checkpoint
@@ -191,7 +218,7 @@ class Trainer:
         while time.monotonic() < deadline and ray.get(driver.status.remote()).inflight_requests:
             time.sleep(0.1)
         self.save()
-        counts = record.accounting(ray.get(driver.status.remote()))
+        counts = record.accounting(ray.get(driver.status.remote(trained_steps=self.step)))
         self.last_metrics.update(counts)
         summary = {**counts, "learner/restarts": self._restarts.count,
                    "generator": deploy.generator_handle().status.remote().result()}
@@ -209,3 +236,30 @@ class Trainer:
         finally:
             (self.run_dir / "ray_address").unlink(missing_ok=True)  # no job to scale any more
             ray.shutdown()
+
+
+class _StopOnSignal:
+    """SIGINT and SIGTERM set `reason` instead of raising (main thread only; restored on exit)."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self._SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.reason is None:
+            self.reason = f"{signal.Signals(signum).name} received"
+            logger.warning("%s: stopping after the step in flight (the job then drains and checkpoints)", self.reason)
+        else:
+            logger.warning("already stopping after the step in flight; SIGKILL stops at once (the last "
+                           "checkpoint then resumes with nothing lost)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from async_pmd.status import DriverStatus
@@ -74,6 +75,20 @@ class RunLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def roll_back(self, step: int) -> None:
+        """Keep only the records of steps <= `step` (a resume from that checkpoint): the steps a
+        killed run made after it are done again, and each step is in the file once. Atomic."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        logger.info("metrics.jsonl rolled back to step %d (%d records past it dropped)", step, len(lines) - len(kept))
 
     def step_line(self, record: dict, last_val: dict) -> str:
         samples_s = self._samples_per_step / max(record["timing/step_s"], 1e-9)

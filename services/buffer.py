@@ -90,9 +90,13 @@ class GroupBuffer:
             self._metrics.observe("staleness_steps", staleness)
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
 
-    def poll(self, with_state: bool = False) -> tuple[list[str], BufferStatus, dict | None]:
-        """The driver's view, read atomically: settled uids since the last poll, the status, and
-        (for a checkpoint) the state, so the driver's pending list and these counters agree."""
+    def poll(self, with_state: bool = False, trained_steps: int | None = None
+             ) -> tuple[list[tuple[str, str, int]], BufferStatus, dict | None]:
+        """The driver's view, read atomically: (uid, outcome, step) settled since the last poll, the
+        status, and (for a checkpoint) the state, so the driver's pending list and these counters
+        agree. `trained_steps`, from the learner loop, confirms the last batch taken as trained."""
+        if trained_steps is not None:
+            self._store.confirm(trained_steps)
         self._export_metrics()
         return self._store.drain_resolved(), self.status(), self.state_dict() if with_state else None
 

@@ -13,6 +13,7 @@ a uid once, so a late duplicate is dropped there and no group is trained twice.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import Counter
 
@@ -23,6 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from async_pmd import names, telemetry, wire
 from async_pmd.config import BufferConfig, DataConfig, DriverConfig, GeneratorConfig
 from async_pmd.data import Prompt, configured_source, generation_request
+from async_pmd.fates import FateRecord
 from async_pmd.ledger import Ledger, Request, may_dispatch, pending_entry
 from async_pmd.models import load_tokenizer
 from async_pmd.status import BufferStatus, DriverStatus
@@ -44,10 +46,12 @@ class RolloutDriver:
     """Owns the prompt source and the ledger; `run()` is its long-lived loop."""
 
     def __init__(self, *, data: DataConfig, generator: GeneratorConfig, buffer: BufferConfig,
-                 driver: DriverConfig, model_path: str, namespace: str):
+                 driver: DriverConfig, model_path: str, namespace: str, seed: int):
         self._data, self._generator_cfg, self._buffer_cfg, self._cfg = data, generator, buffer, driver
+        self._seed = seed  # trainer.seed: with a request's uids and attempt, fixes its sampling
         self._source = configured_source(data, load_tokenizer(model_path), split="train")
         self._ledger = Ledger()
+        self._fates = FateRecord()  # one fate per prompt drawn, by dispatch ordinal
         self._pending: list[tuple[str, Prompt]] = []  # restored from a checkpoint; re-issued first
         self._generator = serve.get_deployment_handle(names.GENERATOR_DEPLOYMENT, app_name=names.GENERATOR_APP)
         self._scorer = serve.get_deployment_handle(names.SCORER_DEPLOYMENT, app_name=names.SCORER_APP)
@@ -91,26 +95,30 @@ class RolloutDriver:
     def resume(self) -> None:
         self._paused = False
 
-    async def status(self) -> DriverStatus:
-        """Accounting of the driver's side; `unfinished` = dispatched groups not yet settled."""
-        await self._sync_with_buffer()
+    async def status(self, trained_steps: int | None = None) -> DriverStatus:
+        """Accounting of the driver's side; `unfinished` = dispatched groups not yet settled.
+        `trained_steps`: the learner steps done, so the buffer counts the last batch as trained."""
+        await self._sync_with_buffer(trained_steps=trained_steps)
         ledger = self._ledger
         return DriverStatus(dispatched=ledger.dispatched, failed=ledger.failed, reissued=ledger.reissued,
                             unfinished=len(ledger.unresolved) + len(self._pending),
                             inflight_requests=len(self._tasks), **self._stats, failures=dict(self._failures),
                             buffer=self._buffer_status)
 
-    async def state_dict(self) -> dict:
-        """Cursor, counters, pending prompts (unsettled groups) and the buffer's state, read together
-        so that every dispatched group is counted exactly once across a resume."""
-        buffer_state = await self._sync_with_buffer(with_state=True)
+    async def state_dict(self, trained_steps: int) -> dict:
+        """Cursor, counters, pending prompts (unsettled groups), the fate of every prompt drawn and
+        the buffer's state, read together so that every dispatched group is counted exactly once
+        across a resume; a batch taken for a step >= `trained_steps` is pending, not trained."""
+        buffer_state = await self._sync_with_buffer(with_state=True, trained_steps=trained_steps)
         state = self._ledger.state_dict()
         state["pending"] += [pending_entry(uid, p) for uid, p in self._pending]
-        return {"source": self._source.state_dict(), "ledger": state, "buffer": buffer_state}
+        return {"source": self._source.state_dict(), "ledger": state, "buffer": buffer_state,
+                "fates": self._fates.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self._source.load_state_dict(state["source"])
         self._pending = self._ledger.load_state_dict(state["ledger"])
+        self._fates.load_state_dict(state["fates"])
 
     # ------------------------------------------------------------------ helpers
 
@@ -124,10 +132,16 @@ class RolloutDriver:
         self._metrics.set("requests_inflight", len(self._tasks))
         self._metrics.set("groups_unsettled", len(ledger.unresolved) + len(self._pending))
 
-    async def _sync_with_buffer(self, with_state: bool = False) -> dict | None:
-        resolved, self._buffer_status, state = await self._buffer.poll.remote(with_state)
-        self._ledger.resolve(resolved)
+    async def _sync_with_buffer(self, with_state: bool = False, trained_steps: int | None = None) -> dict | None:
+        resolved, self._buffer_status, state = await self._buffer.poll.remote(with_state, trained_steps)
+        self._ledger.resolve([uid for uid, _, _ in resolved])
+        for uid, outcome, step in resolved:
+            self._fates.settle(uid, outcome, step)
         return state
+
+    def _fail(self, uids: list[str]) -> None:
+        for uid in self._ledger.fail(uids):
+            self._fates.settle(uid, "failed")
 
     async def _next_request(self) -> Request | None:
         k = self._generator_cfg.prompts_per_request
@@ -144,6 +158,7 @@ class RolloutDriver:
         prompts = self._source.next_batch(k)
         epoch = self._source.epoch
         uids = [f"e{epoch}-i{p.index}-d{self._ledger.dispatched + j}" for j, p in enumerate(prompts)]
+        self._fates.dispatch(len(uids))
         return self._ledger.open(prompts, uids)
 
     def _launch(self, request: Request) -> None:
@@ -163,10 +178,10 @@ class RolloutDriver:
                 logger.warning("request %d attempt %d failed: %r", request.request_id, request.attempt, exc)
                 if retry is None:
                     self._stats["deterministic_failures"] += 1
-                    self._ledger.fail(request.uids)
+                    self._fail(request.uids)
                     return
                 if request.attempt >= self._cfg.max_attempts:
-                    self._ledger.fail(request.uids)
+                    self._fail(request.uids)
                     return
                 self._stats["retries"] += 1
                 request = self._ledger.reissue(request)
@@ -177,7 +192,8 @@ class RolloutDriver:
         """generator → scorer → buffer, passing object refs; only the buffer's counts come back here."""
         self._stats["requests"] += 1
         payload = wire.encode_array(generation_request(
-            request.request_id, request.attempt, request.uids, request.prompts, sampling={}))
+            request.request_id, request.attempt, request.uids, request.prompts,
+            sampling={"seed": self._sampling_seed(request)}))
         rollouts = self._generator.generate.remote(payload)
         scored = self._scorer.score.remote(rollouts)
         timeout_s = self._generator_cfg.request_timeout_s
@@ -185,4 +201,10 @@ class RolloutDriver:
         await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
         counts = await self._buffer.put.remote(ref)
         if counts.get("refused"):
-            self._ledger.fail(request.uids)
+            self._fail(request.uids)
+
+    def _sampling_seed(self, request: Request) -> int:
+        """A seed from trainer.seed, the request's uids and its attempt: a retried request samples
+        afresh, yet two runs with the same seed send the same seeds."""
+        key = f"{self._seed}|{','.join(request.uids)}|{request.attempt}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1

@@ -140,9 +140,16 @@ class LearnerGroup:
 
     def train_step(self, payload_ref: ray.ObjectRef) -> dict:
         """Metrics averaged over ranks."""
-        results = self._all("train_step", payload_ref)
-        keys = results[0].keys()
-        return {k: float(np.mean([r[k] for r in results])) for k in keys}
+        return self.finish_train(self.start_train(payload_ref))
+
+    def start_train(self, payload_ref: ray.ObjectRef) -> list[ray.ObjectRef]:
+        """Send one learner step to every rank; `finish_train` waits for it. Ray does not cancel a
+        rank's task, so a caller that is interrupted meanwhile must still wait for these refs."""
+        return self._send("train_step", payload_ref)
+
+    def finish_train(self, refs: list[ray.ObjectRef]) -> dict:
+        results = self._gather("train_step", refs)
+        return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
     def publish(self, version: int) -> dict:
         return self._all("publish", version)[0]
@@ -171,8 +178,13 @@ class LearnerGroup:
             os.remove(self._rendezvous)  # left behind when a rank died holding it
 
     def _all(self, method: str, *args):
+        return self._gather(method, self._send(method, *args))
+
+    def _send(self, method: str, *args) -> list[ray.ObjectRef]:
         # Send to every rank before waiting on any: the calls are collectives.
-        refs = [getattr(r, method).remote(*args) for r in self.ranks]
+        return [getattr(r, method).remote(*args) for r in self.ranks]
+
+    def _gather(self, method: str, refs: list[ray.ObjectRef]) -> list:
         try:
             # In completion order: when one rank dies its peers may hang in the collective, so
             # waiting on the ranks in index order could never reach the dead one.

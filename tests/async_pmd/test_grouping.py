@@ -55,20 +55,42 @@ def taken_uids(tb):
 
 
 def test_groups_from_several_puts_are_taken_oldest_first():
-    """Groups arrive in any order over several puts; take pops them in arrival order."""
+    """Groups arrive in any order over several puts; take pops the oldest, rows in uid order (so a
+    batch does not depend on which request arrived first); they count as trained once their
+    learner step is confirmed done."""
     s = store()
     assert s.put(batch(group("c"), group("a"))) == {"held": 2, "duplicate": 0, "malformed": 0,
                                                      "failed": 0, "filtered": 0}
     s.put(batch(group("b")))
     assert s.held_uids() == ["c", "a", "b"]
     tb, _ = s.take(2, learner_step=0)
-    assert taken_uids(tb) == ["c", "a"] and tb.uids == ["c"] * N + ["a"] * N
+    assert taken_uids(tb) == ["a", "c"] and tb.uids == ["a"] * N + ["c"] * N
     assert s.take(2, learner_step=0) == (None, {})  # one left: not enough
     tb, metrics = s.take(1, learner_step=0)
     assert taken_uids(tb) == ["b"] and metrics["groups/held_after"] == 0
+    assert s.counters["trained"] == 0 and s.counters["held"] == 3  # step 0 not known done yet
+    assert s.drain_resolved() == []
+    s.confirm(1)
     assert s.counters == {"trained": 3, "filtered": 0, "stale": 0, "failed": 0, "duplicate": 0,
                           "malformed": 0, "held": 0}
-    assert sorted(s.drain_resolved()) == ["a", "b", "c"] and s.drain_resolved() == []
+    assert sorted(s.drain_resolved()) == [("a", "trained", 1), ("b", "trained", 1), ("c", "trained", 1)]
+    assert s.drain_resolved() == []
+
+
+def test_a_batch_not_confirmed_trained_is_pending_in_the_state():
+    """A stop between take and train: the taken groups are neither trained nor seen in the saved
+    state, so the driver's pending list re-issues them after a resume, accepted, not duplicates."""
+    s = store()
+    s.put(batch(group("a"), group("b")))
+    assert s.take(2, learner_step=0)[0] is not None
+    s.confirm(0)  # learner step 0 not done: nothing changes
+    state = s.state_dict()
+    assert state["counters"]["trained"] == 0 and state["seen"] == [] and s.drain_resolved() == []
+    fresh = store()
+    fresh.load_state_dict(state)
+    assert fresh.put(batch(group("a"), group("b")))["held"] == 2
+    s.confirm(1)  # learner step 0 done: metrics step 1
+    assert s.counters["trained"] == 2 and [r[1:] for r in s.drain_resolved()] == [("trained", 1)] * 2
 
 
 def test_duplicates_counted_and_never_trained_twice():
@@ -80,6 +102,7 @@ def test_duplicates_counted_and_never_trained_twice():
     assert tb.batch_size == N
     assert s.put(batch(group("a"), group("b")))["duplicate"] == 1  # after training
     assert s.held_uids() == ["b"]
+    s.confirm(1)
     assert s.counters["duplicate"] == 3 and s.counters["trained"] == 1
 
 
@@ -89,7 +112,7 @@ def test_malformed_group_size_is_refused():
     counts = s.put(batch(group("short", rewards=(1.0, 0.0, 0.0))))
     assert counts["malformed"] == 1 and counts["held"] == 0
     assert s.held_uids() == [] and s.counters["malformed"] == 1
-    assert s.drain_resolved() == ["short"]
+    assert s.drain_resolved() == [("short", "malformed", 0)]
 
 
 # ----------------------------------------------------------------------------- failures and band
@@ -100,7 +123,7 @@ def test_failed_reward_drop_group_vs_zero():
     failed = dict(rewards=(1.0, float("nan"), 1.0, 0.0), status=["ok", "failed:timeout", "ok", "ok"])
     s = store(on_failure="drop_group")
     assert s.put(batch(group("x", **failed), group("y")))["failed"] == 1
-    assert s.held_uids() == ["y"] and s.drain_resolved() == ["x"]
+    assert s.held_uids() == ["y"] and s.drain_resolved() == [("x", "failed", 0)]
 
     s = store(on_failure="zero")
     assert s.put(batch(group("x", **failed)))["held"] == 1
@@ -267,7 +290,9 @@ def test_accounting_identity():
             arrivals += len(groups)
             distinct |= {g.uid for g in groups}
         s.take(2, learner_step=step)
-        resolved += s.drain_resolved()
+        resolved += [uid for uid, _, _ in s.drain_resolved()]
+    s.confirm(30)  # the last batch's step is done too
+    resolved += [uid for uid, _, _ in s.drain_resolved()]
     c = s.counters
     assert sum(c.values()) == arrivals
     assert c["duplicate"] == arrivals - len(distinct)
@@ -283,11 +308,12 @@ def test_state_dict_round_trip():
     s.put(batch(group("t"), group("f", rewards=(0.0,) * N), group("h")))
     s.put(batch(group("t")))
     s.take(1, learner_step=0)
+    s.confirm(1)
     state = json.loads(json.dumps(s.state_dict()))
     fresh = store(partition_reward_lb=0.0)
     fresh.load_state_dict(state)
     assert fresh.counters == {**s.counters, "held": 0}
-    assert sorted(fresh.drain_resolved()) == ["f", "t"]
+    assert sorted(fresh.drain_resolved()) == [("f", "filtered", 0), ("t", "trained", 1)]
     assert fresh.put(batch(group("t"), group("f"), group("h"))) == {
         "held": 1, "duplicate": 2, "malformed": 0, "failed": 0, "filtered": 0}
     for bad in ({}, {**state, "version": 9}, {**state, "counters": {**state["counters"], "trained": -1}},
