@@ -1,7 +1,7 @@
 """The algorithms: advantage estimators, weighted-PMD weights, policy losses, and their registries.
 
-Importing this package registers the built-ins (`ploo`, `rloo`, `partition`, `grpo`; `opmd`,
-`vanilla`), so every process that resolves a name from the config imports it first.
+Importing this package registers the built-ins (`ploo`, `ploo_exact`, `rloo`, `partition`, `grpo`;
+`opmd`, `vanilla`), so every process that resolves a name from the config imports it first.
 """
 
 from async_pmd.algos import advantages, losses, weights  # noqa: F401  (registration on import)
@@ -9,11 +9,13 @@ from async_pmd.algos.advantages import (
     compute_grpo_advantage,
     compute_partition_advantage,
     compute_ploo_advantage,
+    compute_ploo_exact_advantage,
     compute_rloo_advantage,
     group_ids,
     log_mean_exp_baseline,
     loo_log_mean_exp_baseline,
     partition_tau,
+    seed_loo_baseline,
     sequence_scores,
 )
 from async_pmd.algos.losses import (
@@ -47,6 +49,7 @@ __all__ = [
     "compute_grpo_advantage",
     "compute_partition_advantage",
     "compute_ploo_advantage",
+    "compute_ploo_exact_advantage",
     "compute_policy_loss_opmd",
     "compute_policy_loss_vanilla",
     "compute_rloo_advantage",
@@ -66,5 +69,6 @@ __all__ = [
     "pmd_tau",
     "register_adv_est",
     "register_policy_loss",
+    "seed_loo_baseline",
     "sequence_scores",
 ]
