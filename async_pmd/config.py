@@ -219,6 +219,8 @@ class AlgorithmConfig(Section):
     """Keep a group only if its mean reward is < ub (None = unbounded)."""
     use_is: bool = False
     """Importance weights exp((r - max)/τ) / mean within the group, on top of the band filter."""
+    band_filter: Literal["weight", "drop"] = "weight"
+    """Out-of-band groups: `weight` = weight 0 inside the batch mean (seed); `drop` = dropped at put, batch refilled."""
     norm_adv_by_std_in_grpo: bool = True
 
     @model_validator(mode="after")
