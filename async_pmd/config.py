@@ -240,6 +240,8 @@ class PolicyLossConfig(Section):
     clip_ratio: float = Field(0.2, gt=0)
     clip_ratio_low: float | None = Field(None, gt=0)
     clip_ratio_high: float | None = Field(None, gt=0)
+    clip_ratio_c: float = Field(3.0, gt=1)
+    """Dual-clip bound of `vanilla` (verl's): for A < 0 the per-token loss is at most −A·c."""
 
 
 class ActorConfig(Section):
