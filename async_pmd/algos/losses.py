@@ -64,22 +64,25 @@ def check_loss_agg_mode(loss_agg_mode: str, allowed: tuple[str, ...] = LOSS_AGG_
 
 def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str,
              loss_scale_factor: float | None = None) -> torch.Tensor:
-    """Reduce a per-token loss [B,T] to a scalar, as verl's `agg_loss` does.
+    """Reduce a per-token loss [B,T] to a scalar, term for term as verl's `agg_loss` (one rank).
 
-    token-mean: Σ loss / Σ mask. seq-mean-token-sum: mean_b Σ_t loss. seq-mean-token-mean:
-    mean_b (Σ_t loss / L_b), L_b clamped at 1 so an empty row adds 0. seq-mean-token-sum-norm
+    token-mean: Σ loss / Σ mask. seq-mean-token-sum: mean over non-empty rows of Σ_t loss.
+    seq-mean-token-mean: mean over non-empty rows of Σ_t loss / (L_b + 1e-8). seq-mean-token-sum-norm
     (Dr. GRPO): Σ_b Σ_t loss / `loss_scale_factor` — a SUM over rows, as in verl; the factor
     defaults to T = loss_mask.shape[-1], as verl's does (pass the configured response length).
+    A batch with no response token gives 0 (verl: NaN).
     """
     check_loss_agg_mode(loss_agg_mode)
     if loss_agg_mode == "token-mean":
         return masked_mean(loss_mat, loss_mask)
     row_sums = masked_row_sum(loss_mat, loss_mask)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return row_sums.mean()
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return row_sums.sum() / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    lengths = loss_mask.to(row_sums.dtype).sum(dim=-1)
     if loss_agg_mode == "seq-mean-token-mean":
-        return (row_sums / loss_mask.to(row_sums.dtype).sum(dim=-1).clamp(min=1)).mean()
-    return row_sums.sum() / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        row_sums = row_sums / (lengths + 1e-8)
+    nonempty = (lengths > 0).to(row_sums.dtype)  # verl leaves fully masked rows out of the seq-mean
+    return (row_sums * nonempty).sum() / nonempty.sum().clamp(min=1)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:

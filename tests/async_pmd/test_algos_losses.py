@@ -69,12 +69,13 @@ def ref_agg(loss, mask, mode):
     batch, width = len(mask), len(mask[0])
     row_sums = [sum(loss[i][t] for t in range(width) if mask[i][t] > 0) for i in range(batch)]
     row_lens = [sum(mask[i]) for i in range(batch)]
+    nonempty = sum(n > 0 for n in row_lens)  # verl's seq-means leave fully masked rows out
     if mode == "token-mean":
         return sum(row_sums) / sum(row_lens)
     if mode == "seq-mean-token-sum":
-        return sum(row_sums) / batch
+        return sum(row_sums) / nonempty
     if mode == "seq-mean-token-mean":
-        return sum(s / max(n, 1) for s, n in zip(row_sums, row_lens)) / batch
+        return sum(s / (n + 1e-8) for s, n in zip(row_sums, row_lens)) / nonempty
     return sum(row_sums) / width  # seq-mean-token-sum-norm: verl sums over rows
 
 
