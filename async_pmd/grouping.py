@@ -233,13 +233,7 @@ class GroupStore:
         index = np.repeat(np.arange(len(groups)), n)
         tlr, mask = torch.from_numpy(token_rewards), torch.from_numpy(mask_np)
         advantages, _ = self._estimator(tlr, mask, index, self.algorithm)
-        # The band was applied at `put` under "drop"; under "weight" it is applied here, once.
-        weights = compute_wpmd_weight(tlr, mask, index, self.algorithm, use_is=self.algorithm.use_is,
-                                      apply_band=False)
-        in_band = np.ones(len(groups), bool)
-        if self.algorithm.band_filter == "weight":
-            in_band = self._band(rewards.reshape(len(groups), n))
-            weights = weights * torch.from_numpy(np.repeat(in_band, n)).to(weights.dtype).unsqueeze(-1)
+        weights, in_band = self._partition_weights(tlr, mask, index, rewards.reshape(len(groups), n))
 
         versions = np.repeat(np.array([g.policy_version for g in groups], np.int64), n)
         batch = TrainBatch(**layout, advantages=advantages.float().numpy(),
@@ -249,6 +243,20 @@ class GroupStore:
         metrics = self._metrics(batch, r_len, learner_step - versions, finish)
         metrics["groups/band_zero_weight"] = float((~in_band).sum())
         return batch, metrics
+
+    def _partition_weights(self, tlr, mask, index, rewards: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """(weights [B,T], in_band bool [G]) for group-major rows; rewards [G, n].
+
+        The band was applied at `put` under "drop" (every group here is in band); under "weight"
+        it is applied here, once, as weight 0 on the out-of-band groups' rows.
+        """
+        weights = compute_wpmd_weight(tlr, mask, index, self.algorithm, use_is=self.algorithm.use_is,
+                                      apply_band=False)
+        if self.algorithm.band_filter != "weight":
+            return weights, np.ones(len(rewards), bool)
+        in_band = self._band(rewards)
+        row_keep = torch.from_numpy(np.repeat(in_band, rewards.shape[1])).to(weights.dtype).unsqueeze(-1)
+        return weights * row_keep, in_band
 
     def _layout(self, groups: list[ScoredGroup]) -> dict[str, np.ndarray]:
         """Padded token arrays of the groups' B rows, plus flat `rewards` [B] and `lengths` [B]."""

@@ -1,4 +1,4 @@
-"""Policy losses `opmd` (online policy mirror descent) and `vanilla` (verl's PPO-clip), and helpers.
+"""Policy losses `opmd` (online policy mirror descent, the seed's) and `vanilla` (verl's dual-clip PPO), and helpers.
 
 Shared signature: `fn(old_log_prob [B,T], log_prob [B,T], advantages [B,T], response_mask [B,T],
 loss_agg_mode="seq-mean-token-mean", config=None, partition_weights=None [B,T],
@@ -164,7 +164,8 @@ def compute_policy_loss_opmd(
 
     Metrics: `actor/pmd_kl` = mean_i(−s_i), the k1 estimate of the sequence-level
     KL(π_old ‖ π_θ) in nats per response (unbiased because responses were sampled from π_old);
-    `actor/ppo_kl` = mean_i(−s_i / L_i), the seed's per-token figure; `actor/pg_clipfrac` = 0.
+    `actor/ppo_kl` = mean_i(−s_i / L_i), the seed's per-token figure; `actor/pg_clipfrac` and
+    `actor/pg_clipfrac_lower` = 0 (no clipping; the seed reports both).
     """
     check_loss_agg_mode(loss_agg_mode, OPMD_AGG_MODES, who="opmd")
     tau = pmd_tau(config)
