@@ -197,6 +197,8 @@ class AlgorithmConfig(Section):
     """Keep a group only if its mean reward is < ub (None = unbounded)."""
     use_is: bool = False
     """Importance weights exp((r - max)/τ) / mean within the group, on top of the band filter."""
+    band_filter: Literal["weight", "drop"] = "weight"
+    """Out-of-band groups: `weight` = weight 0 inside the batch mean (seed); `drop` = dropped at put, batch refilled."""
     norm_adv_by_std_in_grpo: bool = True
 
     @model_validator(mode="after")
@@ -216,6 +218,8 @@ class PolicyLossConfig(Section):
     clip_ratio: float = Field(0.2, gt=0)
     clip_ratio_low: float | None = Field(None, gt=0)
     clip_ratio_high: float | None = Field(None, gt=0)
+    clip_ratio_c: float = Field(3.0, gt=1)
+    """Dual-clip bound of `vanilla` (verl's): for A < 0 the per-token loss is at most −A·c."""
 
 
 class ActorConfig(Section):
@@ -234,6 +238,17 @@ class ActorConfig(Section):
     """Recompute π_old on the learner instead of the generator's sampling log-probs (bypass mode)."""
     reset_optimizer_states_freq: int = Field(0, ge=0)
     """Reset optimizer state every k learner steps (0 = never)."""
+    use_kl_loss: bool = False
+    """Add `kl_loss_coef` × KL(π_θ ‖ π_ref) to the loss (needs reference log-probs)."""
+    kl_loss_coef: float = Field(0.001, ge=0)
+    """Weight of the KL-loss term (dimensionless)."""
+    kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3",
+                          "kl+", "k1+", "abs+", "low_var_kl+", "k3+"] = "low_var_kl"
+    """verl's `kl_penalty` estimator of the KL-loss term; `+` = k2's gradient (straight-through)."""
+    rollout_is: Literal["token", "sequence"] | None = None
+    """Truncated IS weights π_learner/π_engine in the loss, per token or sequence; None = metrics only."""
+    rollout_is_threshold: float = Field(2.0, gt=0)
+    """Upper truncation of the rollout IS weights (a ratio)."""
 
 
 class LearnerConfig(Section):

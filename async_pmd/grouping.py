@@ -5,8 +5,12 @@
 A group is the n responses to one prompt (`uid`). `put` classifies each arriving group exactly once
 (duplicate / malformed / failed / filtered / held); `take` drops held groups that grew too stale,
 then pops the oldest ones and turns them into one padded TrainBatch with advantages and partition
-weights from `async_pmd.algos`. No Ray here: `services/buffer.py` wraps this in an actor, awaits
-`room()` before `put` (backpressure), and forwards `drain_resolved()` to the driver's ledger.
+weights from `async_pmd.algos`. The reward band (lb, ub) is applied once, where
+`algorithm.band_filter` says: `weight` (the seed's) holds every group and gives the out-of-band
+ones weight 0 at `take`, so they stay inside the loss's batch mean; `drop` filters them at `put`
+and the batch is refilled with in-band groups. No Ray here: `services/buffer.py` wraps this in an
+actor, waits and retries when `put` raises BufferFull (backpressure), and forwards
+`drain_resolved()` to the driver's ledger.
 """
 
 from __future__ import annotations
@@ -57,8 +61,9 @@ class GroupStore:
     `len(held) <= capacity_groups`; every arrival is exactly one of held / trained / filtered /
     stale / failed / duplicate / malformed, so Σ counters (held included) == arrivals.
     Held groups carry their effective rewards: 0 for a failed response under on_failure="zero"
-    and for a zero-length response (no token to credit), so the band filter at `put` and the
-    advantages at `take` see the same scores.
+    and for a zero-length response (no token to credit), so the band filter (at `put` or `take`)
+    and the advantages at `take` see the same scores. Under band_filter="weight" nothing is
+    `filtered`: out-of-band groups are trained with weight 0 (counted in `groups/band_zero_weight`).
     """
 
     def __init__(self, *, group_size: int, algorithm: AlgorithmConfig, max_staleness: int,
@@ -102,7 +107,7 @@ class GroupStore:
                 outcome.setdefault("failed", []).append(g)
             else:
                 candidates.append((g, rewards))
-        keep = self._band(np.stack([r for _, r in candidates])) if candidates else np.zeros(0, bool)
+        keep = self._band_at_put(candidates)
         outcome["filtered"] = [g for (g, _), k in zip(candidates, keep) if not k]
         to_hold = [dataclasses.replace(g, rewards=r) for (g, r), k in zip(candidates, keep) if k]
         if len(to_hold) > self.room():
@@ -219,6 +224,12 @@ class GroupStore:
             return None  # a NaN on an "ok" response: the scorer broke its contract
         return np.where(g.response_lengths > 0, rewards, np.float32(0))
 
+    def _band_at_put(self, candidates: list[tuple[ScoredGroup, np.ndarray]]) -> np.ndarray:
+        """bool [len(candidates)]: the groups `put` holds (all of them unless band_filter="drop")."""
+        if self.algorithm.band_filter != "drop" or not candidates:
+            return np.ones(len(candidates), bool)
+        return self._band(np.stack([r for _, r in candidates]))
+
     def _band(self, rewards: np.ndarray) -> np.ndarray:
         """rewards [G, n] -> bool [G]: group mean in the open interval (lb, ub), one vectorised call."""
         lb, ub = self.algorithm.partition_reward_lb, self.algorithm.partition_reward_ub
@@ -244,14 +255,30 @@ class GroupStore:
         index = np.repeat(np.arange(len(groups)), n)
         tlr, mask = torch.from_numpy(token_rewards), torch.from_numpy(mask_np)
         advantages, _ = self._estimator(tlr, mask, index, self.algorithm)
-        weights = compute_wpmd_weight(tlr, mask, index, self.algorithm, use_is=self.algorithm.use_is)
+        weights, in_band = self._partition_weights(tlr, mask, index, rewards.reshape(len(groups), n))
 
         versions = np.repeat(np.array([g.policy_version for g in groups], np.int64), n)
         batch = TrainBatch(**layout, advantages=advantages.float().numpy(),
                            partition_weights=weights.float().numpy(), rewards=rewards,
                            policy_versions=versions, uids=uids, learner_step=int(learner_step))
         finish = [f for g in groups for f in g.finish_reasons]
-        return batch, self._metrics(batch, r_len, learner_step - versions, finish)
+        metrics = self._metrics(batch, r_len, learner_step - versions, finish)
+        metrics["groups/band_zero_weight"] = float((~in_band).sum())
+        return batch, metrics
+
+    def _partition_weights(self, tlr, mask, index, rewards: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """(weights [B,T], in_band bool [G]) for group-major rows; rewards [G, n].
+
+        The band was applied at `put` under "drop" (every group here is in band); under "weight"
+        it is applied here, once, as weight 0 on the out-of-band groups' rows.
+        """
+        weights = compute_wpmd_weight(tlr, mask, index, self.algorithm, use_is=self.algorithm.use_is,
+                                      apply_band=False)
+        if self.algorithm.band_filter != "weight":
+            return weights, np.ones(len(rewards), bool)
+        in_band = self._band(rewards)
+        row_keep = torch.from_numpy(np.repeat(in_band, rewards.shape[1])).to(weights.dtype).unsqueeze(-1)
+        return weights * row_keep, in_band
 
     def _layout(self, groups: list[ScoredGroup]) -> dict[str, np.ndarray]:
         """Padded token arrays of the groups' B rows, plus flat `rewards` [B] and `lengths` [B]."""

@@ -1,4 +1,4 @@
-"""Group-relative advantage estimators: `ploo`, `rloo`, `partition`, `grpo`.
+"""Group-relative advantage estimators: `ploo`, `ploo_exact`, `rloo`, `partition`, `grpo`.
 
 A *group* is the n responses to one prompt, named by `index` (a uid per row; strings or ints,
 rows of a group need not be contiguous). Each estimator turns the sequence score
@@ -6,6 +6,8 @@ r_i = Σ_t token_level_rewards[i, t] into one advantage A_i per response and bro
 row's response tokens. Everything is vectorised with segment ops keyed by a dense group id
 (`group_ids`): no Python loop per sample or per group. Sums are taken in float64, results are
 returned in the dtype of `token_level_rewards`. `returns` equals `advantages`, as in verl.
+`ploo`, `rloo` and `grpo` equal the seed's (verl's) code term for term, groups of one included;
+`ploo_exact` is the opt-in exact leave-one-out variant of `ploo`.
 
 All estimators share `fn(token_level_rewards [B,T], response_mask [B,T], index [B], config=None)
 -> (advantages [B,T], returns [B,T])`; `config` is an `AlgorithmConfig` (or None for defaults).
@@ -101,12 +103,30 @@ def log_mean_exp_baseline(scores: torch.Tensor, gid: torch.Tensor, num_groups: i
     return (m + tau * torch.log(z / group_sizes(gid, num_groups)))[gid]
 
 
-def loo_log_mean_exp_baseline(scores: torch.Tensor, gid: torch.Tensor, num_groups: int, tau: float) -> torch.Tensor:
-    """Leave-one-out baseline b_i = τ·log mean_{j≠i} exp(r_j/τ) -> [B]; 0 for a group of one.
+def seed_loo_baseline(scores: torch.Tensor, gid: torch.Tensor, num_groups: int, tau: float) -> torch.Tensor:
+    """The seed's leave-one-out baseline b_i = m + τ·log clamp((Z − e_i)/(n − 1), min=1e-8) -> [B].
 
-    Stable around the group max. The naive Z_g − e_i cancels catastrophically for the row holding
-    the max when the others are far below it (at τ = 0.01 with binary rewards exp(-100) vanishes
-    next to 1, leaving 0, which the 1e-8 clamp then turns into b = max − 18.4τ). So one argmax
+    m = group max (own score included), e_j = exp((r_j − m)/τ), Z = Σ_j e_j; 0 for a group of one.
+    For the group's leader the clamp acts once the others trail it by more than 18.42τ (their mean
+    e falls below 1e-8; past ~37τ, Z − e_i is exactly 0 in float64), so b ≥ m − 18.42τ and the
+    leader's A ≤ 18.42τ. That is the seed's behaviour, kept on purpose;
+    `loo_log_mean_exp_baseline` is the exact form.
+    """
+    n = group_sizes(gid, num_groups)[gid]
+    m = segment_max(scores, gid, num_groups)[gid]
+    e = torch.exp((scores - m) / tau)  # in (0, 1], exactly 1 at the max
+    z = segment_sum(e, gid, num_groups)[gid]
+    loo_mean = ((z - e) / (n - 1).clamp(min=1)).clamp(min=LOO_MEAN_FLOOR)
+    return torch.where(n > 1, m + tau * torch.log(loo_mean), torch.zeros_like(scores))
+
+
+def loo_log_mean_exp_baseline(scores: torch.Tensor, gid: torch.Tensor, num_groups: int, tau: float) -> torch.Tensor:
+    """Exact leave-one-out baseline b_i = τ·log mean_{j≠i} exp(r_j/τ) -> [B]; 0 for a group of one.
+
+    Stable around the group max (the `ploo_exact` estimator). The seed's Z_g − e_i cancels
+    catastrophically for the row holding the max when the others are far below it (at τ = 0.01
+    with binary rewards exp(-100) vanishes next to 1, leaving 0, which the 1e-8 clamp then turns
+    into b = max − 18.4τ: `seed_loo_baseline`). So one argmax
     row per group is handled separately: its sum runs over the other rows, shifted by their own
     max (the group's second largest score), and never subtracts. For every other row Z_g − e_i
     still contains the max's own term 1, so the difference is ≥ 1 and costs only rounding.
@@ -141,11 +161,26 @@ def loo_log_mean_exp_baseline(scores: torch.Tensor, gid: torch.Tensor, num_group
 
 @register_adv_est("ploo")
 def compute_ploo_advantage(token_level_rewards, response_mask, index, config: AlgorithmConfig | None = None):
-    """PMD-partition: A_i = r_i − τ·log mean_{j≠i} exp(r_j/τ); a group of one has b = 0 (A = r_i).
+    """PMD-partition, the seed's code: A_i = r_i − b_i with `seed_loo_baseline`; a group of one has b = 0.
 
-    Matches the seed except where the seed's Z_g − e_i cancels (a lone winner far above the rest
-    at small τ, e.g. binary rewards at τ = 0.01): the seed then clamps and returns A = 18.4τ for
-    that row; this returns the exact value (1.0 for rewards [1, 0, 0]).
+    Where the leave-one-out sum cancels (a lone winner far above the rest at small τ) the seed's
+    clamp caps the winner's advantage at 18.42τ: one correct answer of 8 binary rewards at τ = 0.01
+    gets A = 0.1842, not the exact 1.0 of `ploo_exact`.
+    """
+    scores = sequence_scores(token_level_rewards)
+    gid, g = group_ids(index, scores.device)
+    baseline = seed_loo_baseline(scores, gid, g, partition_tau(config))
+    adv = broadcast_to_tokens(scores - baseline, response_mask, token_level_rewards)
+    return adv, adv
+
+
+@register_adv_est("ploo_exact")
+def compute_ploo_exact_advantage(token_level_rewards, response_mask, index, config: AlgorithmConfig | None = None):
+    """PMD-partition, exact: A_i = r_i − τ·log mean_{j≠i} exp(r_j/τ); a group of one has b = 0 (A = r_i).
+
+    Differs from `ploo` (the seed's) only where the seed's Z − e_i cancels: with binary rewards at
+    τ = 0.01 a lone winner gets A = 1.0 here and 0.1842 there; with continuous rewards, whenever
+    the top score leads the runner-up by about 18τ or more. Every other row agrees to rounding.
     """
     scores = sequence_scores(token_level_rewards)
     gid, g = group_ids(index, scores.device)
@@ -166,16 +201,12 @@ def compute_partition_advantage(token_level_rewards, response_mask, index, confi
 
 @register_adv_est("rloo")
 def compute_rloo_advantage(token_level_rewards, response_mask, index, config: AlgorithmConfig | None = None):
-    """PMD-mean: A_i = r_i − mean_{j≠i} r_j = n/(n−1)·(r_i − mean_g).
-
-    A group of one gets A = 0: it has no leave-one-out baseline. (verl's rloo leaves such a row at
-    A = r_i; we deliberately do not reward a response that was compared with nothing.)
-    """
+    """PMD-mean: A_i = r_i − mean_{j≠i} r_j = n/(n−1)·(r_i − mean_g); a group of one gets A = r_i (verl)."""
     scores = sequence_scores(token_level_rewards)
     gid, g = group_ids(index, scores.device)
     n = group_sizes(gid, g)[gid]
     mean = (segment_sum(scores, gid, g) / group_sizes(gid, g))[gid]
-    adv = torch.where(n > 1, (scores - mean) * n / (n - 1).clamp(min=1), torch.zeros_like(scores))
+    adv = torch.where(n > 1, (scores - mean) * n / (n - 1).clamp(min=1), scores)
     adv = broadcast_to_tokens(adv, response_mask, token_level_rewards)
     return adv, adv
 
@@ -184,8 +215,8 @@ def compute_rloo_advantage(token_level_rewards, response_mask, index, config: Al
 def compute_grpo_advantage(token_level_rewards, response_mask, index, config: AlgorithmConfig | None = None):
     """GRPO (comparison runs): (r_i − mean_g)/(std_g + 1e-6), std unbiased as torch.std.
 
-    With `norm_adv_by_std_in_grpo=False` (Dr. GRPO): r_i − mean_g. A group of one gets A = 0
-    (verl gives r_i/(1+eps) there, from a mean of 0 and std of 1).
+    With `norm_adv_by_std_in_grpo=False` (Dr. GRPO): r_i − mean_g. A group of one gets verl's
+    mean 0 and std 1: A = r_i/(1 + 1e-6), or r_i without the std.
     """
     norm_by_std = DEFAULT_NORM_ADV_BY_STD if config is None else bool(config.norm_adv_by_std_in_grpo)
     scores = sequence_scores(token_level_rewards)
@@ -197,6 +228,7 @@ def compute_grpo_advantage(token_level_rewards, response_mask, index, config: Al
         # Two-pass variance (sum of squared deviations) stays exact when all rewards are equal.
         std = torch.sqrt(segment_sum(centred**2, gid, g) / (n - 1).clamp(min=1))
         adv = centred / (std[gid] + GRPO_EPS)
-    adv = torch.where(n[gid] > 1, adv, torch.zeros_like(adv))
+    alone = scores / (1 + GRPO_EPS) if norm_by_std else scores
+    adv = torch.where(n[gid] > 1, adv, alone)
     adv = broadcast_to_tokens(adv, response_mask, token_level_rewards)
     return adv, adv

@@ -72,7 +72,8 @@ def get_adv_estimator_fn(name: str) -> Callable:
 
 def register_policy_loss(name: str) -> Callable[[F], F]:
     """Decorator: register `fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-    config=None, partition_weights=None) -> (loss, metrics)` as `name`.
+    config=None, partition_weights=None, rollout_is_weights=None, max_response_length=None)
+    -> (loss, metrics)` as `name`.
 
     Raises ValueError if `name` is already bound to a different function.
     """

@@ -4,7 +4,11 @@ The band filter keeps a group only if its mean reward lies in the OPEN interval 
 (0, 1) with binary rewards drops the all-wrong and all-right groups, whose advantages carry no
 signal. With `use_is` each kept response is further weighted by its share of the group's
 partition function, w_i = exp((r_i − max_g)/τ) / mean_j exp((r_j − max_g)/τ), so the weights
-average to 1 within a kept group. The GroupBuffer reuses `group_band_mask` to count dropped groups.
+average to 1 within a kept group. This is the seed's `compute_wpmd_weight`: band-filtered rows
+stay in the batch with weight 0, so the loss's mean over rows counts them. The GroupStore applies
+the band once: as these weights (`algorithm.band_filter: weight`, the seed's), or by dropping
+groups at `put` with `group_band_mask` and then asking for weights with `apply_band=False`
+(`band_filter: drop`).
 """
 
 from __future__ import annotations
@@ -66,17 +70,19 @@ def compute_wpmd_weight(
     index,
     config: AlgorithmConfig | None = None,
     use_is: bool = False,
+    apply_band: bool = True,
 ) -> torch.Tensor:
     """Partition weights [B,T] for the opmd loss, on the response tokens (0 elsewhere).
 
-    Band from `config.partition_reward_lb/ub` (None config = no band: every group kept);
-    τ = `config.partition_tau`. `use_is` is an argument, not read from the config, so a caller
-    can ask for either. Returned in the dtype of `token_level_rewards`.
+    Band from `config.partition_reward_lb/ub` (None config = no band: every group kept), skipped
+    with `apply_band=False` (the groups were band-filtered already); τ = `config.partition_tau`.
+    `use_is` is an argument, not read from the config, so a caller can ask for either. Returned
+    in the dtype of `token_level_rewards`.
     """
     scores = sequence_scores(token_level_rewards)
     gid, num_groups = group_ids(index, scores.device)
-    lb = None if config is None else config.partition_reward_lb
-    ub = None if config is None else config.partition_reward_ub
+    lb = None if config is None or not apply_band else config.partition_reward_lb
+    ub = None if config is None or not apply_band else config.partition_reward_ub
     weights = _band_keep(scores, gid, num_groups, lb, ub).to(torch.float64)
     if use_is:
         weights = weights * _importance_weights(scores, gid, num_groups, partition_tau(config))

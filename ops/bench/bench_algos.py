@@ -4,7 +4,8 @@
 
 Times `compute_ploo_advantage` + `compute_wpmd_weight` (band (0, 1), use_is) on binary rewards
 with shuffled group ids, against two loop implementations of the same formulas written here:
-`torch-loop` (per-sample torch scalar ops, the shape of verl's / the seed's estimators) and
+`torch-loop` (per-sample torch scalar ops, the shape of verl's / the seed's estimators: the seed's
+leave-one-out sum Z − e_i with its 1e-8 clamp, which `ploo` reproduces) and
 `python-loop` (per-sample arithmetic on Python floats, the fastest loop one can write). Prints a
 markdown table of median (and min) milliseconds and speed-ups, and checks that all three agree.
 """
@@ -55,13 +56,12 @@ def torch_loop(rewards, mask, index, tau):
     for members in groups.values():
         group = scores[members]
         m, kept = group.max(), LB < group.mean().item() < UB
-        z_mean = torch.exp((group - m) / tau).mean()
+        e = torch.exp((group - m) / tau)
+        z, z_mean = e.sum(), e.mean()
         for k, i in enumerate(members):
-            weight[i] = torch.exp((scores[i] - m) / tau) / z_mean if kept else 0.0
+            weight[i] = e[k] / z_mean if kept else 0.0
             if len(members) > 1:
-                others = torch.cat([group[:k], group[k + 1:]])
-                m_o = others.max()
-                baseline[i] = m_o + tau * torch.log(torch.exp((others - m_o) / tau).mean().clamp(min=1e-8))
+                baseline[i] = m + tau * torch.log(((z - e[k]) / (len(members) - 1)).clamp(min=1e-8))
     return (scores - baseline).unsqueeze(-1) * mask, weight.unsqueeze(-1) * mask
 
 
@@ -75,14 +75,12 @@ def python_loop(rewards, mask, index, tau):
     for members in groups.values():
         group = [scores[i] for i in members]
         m, kept = max(group), LB < sum(group) / len(group) < UB
-        z_mean = sum(math.exp((r - m) / tau) for r in group) / len(group)
+        e = [math.exp((r - m) / tau) for r in group]
+        z = sum(e)
         for k, i in enumerate(members):
-            weight[i] = math.exp((scores[i] - m) / tau) / z_mean if kept else 0.0
-            others = group[:k] + group[k + 1:]
-            if others:
-                m_o = max(others)
-                loo = sum(math.exp((r - m_o) / tau) for r in others) / len(others)
-                adv[i] = scores[i] - (m_o + tau * math.log(max(loo, 1e-8)))
+            weight[i] = e[k] / (z / len(group)) if kept else 0.0
+            if len(group) > 1:
+                adv[i] = scores[i] - (m + tau * math.log(max((z - e[k]) / (len(group) - 1), 1e-8)))
             else:
                 adv[i] = scores[i]
     as_rows = lambda v: torch.tensor(v, dtype=rewards.dtype, device=rewards.device).unsqueeze(-1) * mask  # noqa: E731

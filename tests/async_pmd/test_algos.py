@@ -49,7 +49,7 @@ def members(index, i):
     return [j for j in range(len(index)) if index[j] == index[i]]
 
 
-def ref_ploo(scores, index, tau):
+def ref_ploo_exact(scores, index, tau):
     out = []
     for i, r in enumerate(scores):
         others = [scores[j] for j in members(index, i) if j != i]
@@ -58,6 +58,21 @@ def ref_ploo(scores, index, tau):
             continue
         mean = sum(math.exp(x / tau) for x in others) / len(others)  # scores in [0,1]: no overflow
         out.append(r - tau * math.log(max(mean, 1e-8)))
+    return out
+
+
+def ref_ploo_seed(scores, index, tau):
+    """The seed's ploo: b_i = m + τ·log clamp((Z − e_i)/(n − 1), 1e-8), m the group max, Z = Σ_j e_j."""
+    out = []
+    for i, r in enumerate(scores):
+        group = [scores[j] for j in members(index, i)]
+        if len(group) == 1:
+            out.append(r)  # b = 0
+            continue
+        m = max(group)
+        z = sum(math.exp((x - m) / tau) for x in group)
+        loo = (z - math.exp((r - m) / tau)) / (len(group) - 1)
+        out.append(r - (m + tau * math.log(max(loo, 1e-8))))
     return out
 
 
@@ -73,7 +88,7 @@ def ref_rloo(scores, index):
     out = []
     for i, r in enumerate(scores):
         others = [scores[j] for j in members(index, i) if j != i]
-        out.append(r - sum(others) / len(others) if others else 0.0)
+        out.append(r - sum(others) / len(others) if others else r)  # verl: a group of one keeps r
     return out
 
 
@@ -82,7 +97,7 @@ def ref_grpo(scores, index, norm_by_std):
     for i, r in enumerate(scores):
         group = [scores[j] for j in members(index, i)]
         if len(group) == 1:
-            out.append(0.0)
+            out.append(r / (1 + 1e-6) if norm_by_std else r)  # verl: mean 0, std 1
             continue
         mean = sum(group) / len(group)
         std = math.sqrt(sum((x - mean) ** 2 for x in group) / (len(group) - 1))
@@ -116,11 +131,13 @@ def assert_rows(actual, per_row, mask, rtol=1e-9, atol=1e-9):
 @pytest.mark.parametrize("binary", [False, True])
 @pytest.mark.parametrize("int_ids", [False, True])
 def test_estimators_match_float64_references(tau, binary, int_ids):
-    """ploo / partition / rloo / grpo equal their plain definitions on shuffled groups (one of size 1)."""
+    """ploo (the seed's) / ploo_exact / partition / rloo / grpo equal their plain definitions on
+    shuffled groups (one of size 1)."""
     rewards, mask, index, scores = make_batch(seed=int(tau * 100) + binary, binary=binary, int_ids=int_ids)
     cfg = algo_config(tau)
     expected = {
-        "ploo": ref_ploo(scores, index, tau),
+        "ploo": ref_ploo_seed(scores, index, tau),
+        "ploo_exact": ref_ploo_exact(scores, index, tau),
         "partition": ref_partition(scores, index, tau),
         "rloo": ref_rloo(scores, index),
         "grpo": ref_grpo(scores, index, True),
@@ -144,7 +161,9 @@ def test_hand_worked_group_of_three():
     mask, index, cfg = torch.ones(3, 1, dtype=torch.float64), np.array(["a", "a", "a"]), algo_config(1.0)
     adv = lambda name: algos.get_adv_estimator_fn(name)(rewards, mask, index, cfg)[0][:, 0].tolist()  # noqa: E731
     # ploo: b_0 = log mean(e^0, e^0) = 0 -> A_0 = 1; b_1 = log((e^1 + e^0)/2) = log 1.859141 = 0.620115.
+    # (No cancellation at τ = 1: the seed's form and the exact one agree.)
     assert adv("ploo") == pytest.approx([1.0, -0.620115, -0.620115], abs=1e-6)
+    assert adv("ploo_exact") == pytest.approx([1.0, -0.620115, -0.620115], abs=1e-6)
     # partition: b = log((e + 2)/3) = log 1.572761 = 0.452832 -> A = [0.547168, -0.452832, -0.452832].
     assert adv("partition") == pytest.approx([0.547168, -0.452832, -0.452832], abs=1e-6)
     # rloo: A_0 = 1 − (0+0)/2 = 1; A_1 = 0 − (1+0)/2 = −0.5.
@@ -153,37 +172,42 @@ def test_hand_worked_group_of_three():
     assert adv("grpo") == pytest.approx([1.154700, -0.577350, -0.577350], abs=1e-5)
 
 
-def test_ploo_tiny_tau_is_exact_for_the_lone_winner():
-    """τ = 0.01, rewards [1, 0, 0]: A_0 = 1 − 0.01·log mean(e^0, e^0) = 1 exactly.
+def test_ploo_exact_tiny_tau_is_exact_for_the_lone_winner():
+    """ploo_exact, τ = 0.01, rewards [1, 0, 0]: A_0 = 1 − 0.01·log mean(e^0, e^0) = 1 exactly.
 
     The naive Z − e_0 around the group max cancels to 0 here (e^-100 vanishes next to 1), and the
-    1e-8 clamp would then give A_0 = −0.01·log 1e-8 = 0.184; the stable form must not.
+    1e-8 clamp then gives A_0 = −0.01·log 1e-8 = 0.184 (the seed's `ploo`); the stable form does not.
     A_1 = −0.01·log((e^100 + e^0)/2) = −(1 − 0.01·log 2) = −0.993069.
     """
     rewards = torch.tensor([[1.0], [0.0], [0.0]])
-    adv, _ = algos.compute_ploo_advantage(rewards, torch.ones(3, 1), ["u", "u", "u"], algo_config(0.01))
+    adv, _ = algos.compute_ploo_exact_advantage(rewards, torch.ones(3, 1), ["u", "u", "u"], algo_config(0.01))
     assert adv[:, 0].tolist() == pytest.approx([1.0, -0.993069, -0.993069], abs=1e-6)
+    seed, _ = algos.compute_ploo_advantage(rewards, torch.ones(3, 1), ["u", "u", "u"], algo_config(0.01))
+    assert seed[:, 0].tolist() == pytest.approx([0.184207, -0.993069, -0.993069], abs=1e-6)
 
 
 def test_tiny_tau_large_rewards_do_not_overflow():
-    """τ = 0.01 with rewards 100 (exp(10^4) overflows float64): results stay finite and exact.
+    """τ = 0.01 with rewards 100 (exp(10^4) overflows float64): results stay finite (and exact for ploo_exact).
 
-    ploo: A_0 = 100 − 0 = 100; A_1 = −0.01·log((e^10000 + 1)/2) = −(100 − 0.01·log 2) = −99.993069.
+    ploo_exact: A_0 = 100 − 0 = 100; A_1 = −0.01·log((e^10000 + 1)/2) = −(100 − 0.01·log 2) = −99.993069.
+    ploo (the seed's): the same A_1; A_0 = −0.01·log 1e-8 = 0.184207 (Z − e_0 = 0, then the clamp).
     partition: b = 100 + 0.01·log((1 + 2e^-10000)/3) = 100 − 0.010986 -> A_0 = 0.010986.
     """
     rewards = torch.tensor([[100.0], [0.0], [0.0]], dtype=torch.float32)
     mask, index, cfg = torch.ones(3, 1), np.array([5, 5, 5]), algo_config(0.01)
-    ploo, _ = algos.compute_ploo_advantage(rewards, mask, index, cfg)
+    ploo, _ = algos.compute_ploo_exact_advantage(rewards, mask, index, cfg)
+    seed, _ = algos.compute_ploo_advantage(rewards, mask, index, cfg)
     part, _ = algos.compute_partition_advantage(rewards, mask, index, cfg)
     weights = algos.compute_wpmd_weight(rewards, mask, index, cfg, use_is=True)
-    assert ploo.dtype == torch.float32, "returned in the rewards' dtype"
+    assert ploo.dtype == seed.dtype == torch.float32, "returned in the rewards' dtype"
     assert ploo[:, 0].tolist() == pytest.approx([100.0, -99.993069, -99.993069], abs=1e-4)
+    assert seed[:, 0].tolist() == pytest.approx([0.184207, -99.993069, -99.993069], abs=1e-4)
     assert part[:, 0].tolist() == pytest.approx([0.010986, -99.989014, -99.989014], abs=1e-4)
     # use_is: e = [1, 0, 0] -> mean 1/3 -> w = [3, 0, 0].
     assert weights[:, 0].tolist() == pytest.approx([3.0, 0.0, 0.0], abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ploo", "partition", "rloo", "grpo"])
+@pytest.mark.parametrize("name", ["ploo", "ploo_exact", "partition", "rloo", "grpo"])
 def test_all_equal_rewards_give_zero_advantage(name):
     """A group whose responses all scored the same carries no signal: A = 0 for every estimator."""
     rewards = torch.full((4, 3), 0.25)
@@ -192,10 +216,12 @@ def test_all_equal_rewards_give_zero_advantage(name):
 
 
 def test_group_of_one():
-    """A lone response: ploo has b = 0 (A = r), rloo and grpo give 0, partition gives r − r = 0."""
-    rewards, mask, index = torch.tensor([[0.7]]), torch.ones(1, 1), np.array(["solo"])
+    """A lone response, as verl / the seed: ploo has b = 0 (A = r), rloo A = r, grpo (r − 0)/(1 + 1e-6);
+    partition gives r − r = 0."""
+    rewards, mask, index = torch.tensor([[0.7]], dtype=torch.float64), torch.ones(1, 1), np.array(["solo"])
     got = {n: algos.get_adv_estimator_fn(n)(rewards, mask, index, None)[0].item() for n in algos.list_adv_estimators()}
-    assert got == pytest.approx({"ploo": 0.7, "rloo": 0.0, "grpo": 0.0, "partition": 0.0})
+    assert got == pytest.approx({"ploo": 0.7, "ploo_exact": 0.7, "rloo": 0.7, "grpo": 0.7 / (1 + 1e-6),
+                                 "partition": 0.0}, rel=1e-12)
 
 
 def test_index_may_be_list_numpy_or_tensor():

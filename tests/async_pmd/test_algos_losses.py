@@ -16,11 +16,12 @@ from async_pmd.algos import agg_loss, entropy_from_logits, masked_mean
 TAUS = (0.01, 0.1, 1.0, 5.0)
 
 
-def actor_config(tau=1.0, clip=0.2, low=None, high=None):
+def actor_config(tau=1.0, clip=0.2, low=None, high=None, clip_c=3.0):
     """Duck-typed ActorConfig (the losses read `policy_loss.*` attributes only)."""
     return SimpleNamespace(
         loss_agg_mode="seq-mean-token-mean",
-        policy_loss=SimpleNamespace(loss_mode="opmd", pmd_tau=tau, clip_ratio=clip, clip_ratio_low=low, clip_ratio_high=high),
+        policy_loss=SimpleNamespace(loss_mode="opmd", pmd_tau=tau, clip_ratio=clip, clip_ratio_low=low,
+                                    clip_ratio_high=high, clip_ratio_c=clip_c),
     )
 
 
@@ -68,16 +69,17 @@ def ref_agg(loss, mask, mode):
     batch, width = len(mask), len(mask[0])
     row_sums = [sum(loss[i][t] for t in range(width) if mask[i][t] > 0) for i in range(batch)]
     row_lens = [sum(mask[i]) for i in range(batch)]
+    nonempty = sum(n > 0 for n in row_lens)  # verl's seq-means leave fully masked rows out
     if mode == "token-mean":
         return sum(row_sums) / sum(row_lens)
     if mode == "seq-mean-token-sum":
-        return sum(row_sums) / batch
+        return sum(row_sums) / nonempty
     if mode == "seq-mean-token-mean":
-        return sum(s / max(n, 1) for s, n in zip(row_sums, row_lens)) / batch
+        return sum(s / (n + 1e-8) for s, n in zip(row_sums, row_lens)) / nonempty
     return sum(row_sums) / width  # seq-mean-token-sum-norm: verl sums over rows
 
 
-def ref_vanilla(old, new, adv, mask, weights, low, high, mode):
+def ref_vanilla(old, new, adv, mask, weights, low, high, mode, clip_c=3.0):
     old, new, adv, mask = rows(old), rows(new), rows(adv), rows(mask)
     loss = [[0.0] * len(mask[0]) for _ in mask]
     for i, row in enumerate(mask):
@@ -86,6 +88,8 @@ def ref_vanilla(old, new, adv, mask, weights, low, high, mode):
                 ratio = math.exp(new[i][t] - old[i][t])
                 clipped = min(max(ratio, 1 - low), 1 + high)
                 loss[i][t] = max(-adv[i][t] * ratio, -adv[i][t] * clipped)
+                if adv[i][t] < 0:  # verl's dual clip
+                    loss[i][t] = min(loss[i][t], -adv[i][t] * clip_c)
                 loss[i][t] *= 1.0 if weights is None else rows(weights)[i][t]
     return ref_agg(loss, mask, mode)
 
@@ -123,6 +127,43 @@ def test_opmd_hand_worked():
     assert metrics["actor/pmd_kl"] == pytest.approx(-0.3) and metrics["actor/seq_log_ratio_mean"] == pytest.approx(0.3)
     weighted, metrics = opmd(old, new, adv, mask, "seq-mean-token-mean", actor_config(0.5), 2.0 * mask)
     assert weighted.item() == pytest.approx(0.1225) and metrics["actor/partition_weight_mean"] == pytest.approx(2.0)
+
+
+def test_opmd_sum_norm_divides_by_the_configured_length():
+    """seq-mean-token-sum-norm divides by L_max = max_response_length, not the batch's mask width.
+
+    The hand-worked row above (ℓ = 0.02 at τ = 1) in a batch 3 tokens wide: L_max 8 -> 0.02/8 = 0.0025,
+    and the same 0.0025 when the batch is padded to 5 tokens: the scale no longer moves with the
+    longest response. An L_max below the width (a response longer than configured) is refused.
+    """
+    old = torch.tensor([[-1.0, -2.0, 0.0]], dtype=torch.float64)
+    new, adv, mask = old + torch.tensor([[0.1, 0.2, 9.0]]), torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    opmd = algos.compute_policy_loss_opmd
+    mode, cfg = "seq-mean-token-sum-norm", actor_config(1.0)
+    assert opmd(old, new, adv, mask, mode, cfg, max_response_length=8)[0].item() == pytest.approx(0.0025)
+    pad = lambda t: torch.nn.functional.pad(t, (0, 2))  # noqa: E731
+    assert opmd(pad(old), pad(new), pad(adv), pad(mask), mode, cfg, max_response_length=8)[0].item() == pytest.approx(0.0025)
+    with pytest.raises(ValueError, match="response_length"):
+        opmd(old, new, adv, mask, mode, cfg, max_response_length=2)
+    # vanilla's sum-norm (verl's agg_loss with loss_scale_factor): Σ_b Σ_t ℓ / L_max.
+    loss_v, _ = algos.compute_policy_loss_vanilla(old, new, adv, mask, mode, cfg, max_response_length=8)
+    ref_v, _ = algos.compute_policy_loss_vanilla(old, new, adv, mask, mode, cfg)
+    assert loss_v.item() == pytest.approx(ref_v.item() * 3 / 8)
+
+
+def test_opmd_rollout_is_weights_scale_each_row():
+    """ℓ_i is multiplied by ρ_i = the row's mean rollout IS weight over its tokens (the seed's).
+
+    Row of the hand-worked case (ℓ = 0.02, L = 2, token-mean 0.01) with token weights [1.5, 0.5]:
+    ρ = 1.0 -> 0.01; with [2, 2] -> 0.02; padding weights (here 7) are never read.
+    """
+    old = torch.tensor([[-1.0, -2.0, 0.0]], dtype=torch.float64)
+    new, adv, mask = old + torch.tensor([[0.1, 0.2, 9.0]]), torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    opmd = algos.compute_policy_loss_opmd
+    for weights, want in (([1.5, 0.5, 7.0], 0.01), ([2.0, 2.0, 7.0], 0.02)):
+        loss, _ = opmd(old, new, adv, mask, "seq-mean-token-mean", actor_config(1.0),
+                       rollout_is_weights=torch.tensor([weights], dtype=torch.float64))
+        assert loss.item() == pytest.approx(want)
 
 
 @pytest.mark.parametrize("name", ["opmd", "vanilla"])
@@ -176,6 +217,34 @@ def test_vanilla_matches_reference(mode, clip, use_weights):
     loss, metrics = algos.compute_policy_loss_vanilla(old, new, adv, mask, mode, actor_config(1.0, *clip), weights)
     assert loss.item() == pytest.approx(ref_vanilla(old, new, adv, mask, weights, low, high, mode), rel=1e-10)
     assert 0.0 <= metrics["actor/pg_clipfrac"] <= 1.0 and math.isfinite(metrics["actor/ppo_kl"])
+
+
+def test_vanilla_dual_clip_hand_worked():
+    """verl's dual clip, c = 3, ε = 0.2, A = −1 on every token, ρ = [4, 2, 0.5]:
+    ρ = 4: max(4, 1.2) = 4 > 3·1 -> min(4, 3) = 3 (dual clip binds); ρ = 2: max(2, 1.2) = 2 < 3 -> 2;
+    ρ = 0.5: max(0.5, 0.8) = 0.8. token-mean (3 + 2 + 0.8)/3 = 1.933333; pg_clipfrac_lower = 1/3;
+    pg_clipfrac (clipped branch larger) = 1/3 (the ρ = 0.5 token). With c = 5 nothing binds: (4 + 2 + 0.8)/3.
+    An A > 0 token is never dual-clipped: A = +1, ρ = 4 -> max(−4, −1.2) = −1.2."""
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    new = torch.log(torch.tensor([[4.0, 2.0, 0.5]], dtype=torch.float64))
+    adv, mask = -torch.ones(1, 3, dtype=torch.float64), torch.ones(1, 3)
+    vanilla = algos.compute_policy_loss_vanilla
+    loss, metrics = vanilla(old, new, adv, mask, "token-mean", actor_config())
+    assert loss.item() == pytest.approx(5.8 / 3)
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(1 / 3) and metrics["actor/pg_clipfrac"] == pytest.approx(1 / 3)
+    assert vanilla(old, new, adv, mask, "token-mean", actor_config(clip_c=5.0))[0].item() == pytest.approx(6.8 / 3)
+    assert vanilla(old[:, :1], new[:, :1], -adv[:, :1], mask[:, :1], "token-mean", actor_config())[0].item() == pytest.approx(-1.2)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        vanilla(old, new, adv, mask, "token-mean", actor_config(clip_c=1.0))
+
+
+def test_vanilla_rollout_is_weights_multiply_each_token():
+    """verl multiplies the per-token loss by rollout_is_weights before agg_loss: ρ = 1 (loss −A = −1 per
+    token at A = 1), weights [2, 0.5] -> token-mean (−2 − 0.5)/2 = −1.25."""
+    old = new = torch.zeros(1, 2, dtype=torch.float64)
+    loss, _ = algos.compute_policy_loss_vanilla(old, new, torch.ones(1, 2), torch.ones(1, 2), "token-mean",
+                                                rollout_is_weights=torch.tensor([[2.0, 0.5]]))
+    assert loss.item() == pytest.approx(-1.25)
 
 
 def test_vanilla_hand_worked_clipping():

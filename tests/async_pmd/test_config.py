@@ -43,6 +43,18 @@ def test_seed_launch_overrides_verbatim():
     assert cfg.actor.loss_agg_mode == "seq-mean-token-sum-norm"
 
 
+def test_seed_numerics_keys_and_defaults():
+    """The seed's KL-loss lines load under its spelling; the numerics defaults are verl's / the seed's."""
+    cfg = build_config({}, ["actor_rollout_ref.actor.use_kl_loss=false", "actor_rollout_ref.actor.kl_loss_coef=0.001",
+                            "actor_rollout_ref.actor.kl_loss_type=low_var_kl"])
+    actor, algorithm = cfg.actor, cfg.algorithm
+    assert (actor.use_kl_loss, actor.kl_loss_coef, actor.kl_loss_type) == (False, 0.001, "low_var_kl")
+    assert (actor.rollout_is, actor.rollout_is_threshold, actor.policy_loss.clip_ratio_c) == (None, 2.0, 3.0)
+    assert algorithm.band_filter == "weight"
+    cfg = build_config({}, ["actor.rollout_is=sequence", "algorithm.band_filter=drop", "algorithm.adv_estimator=ploo_exact"])
+    assert (cfg.actor.rollout_is, cfg.algorithm.band_filter, cfg.algorithm.adv_estimator) == ("sequence", "drop", "ploo_exact")
+
+
 def test_override_values_are_yaml_typed():
     cfg = build_config({}, ["algorithm.partition_reward_lb=null", "algorithm.partition_reward_ub=0.9",
                             "data.train_files=[a.jsonl, b.jsonl]", "buffer.max_staleness=0"])
@@ -70,6 +82,11 @@ def test_seed_spelling_inside_yaml_tree():
         (["actor.policy_loss.loss_mode=nope"], "actor.policy_loss.loss_mode"),
         (["model.build_tiny=false", "model.path=/nonexistent/model"], "model"),
         (["bogus.key=1"], "bogus"),
+        (["actor.policy_loss.clip_ratio_c=1"], "actor.policy_loss.clip_ratio_c"),
+        (["actor.kl_loss_type=full"], "actor.kl_loss_type"),
+        (["actor.rollout_is=geometric"], "actor.rollout_is"),
+        (["actor.rollout_is_threshold=0"], "actor.rollout_is_threshold"),
+        (["algorithm.band_filter=both"], "algorithm.band_filter"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

@@ -3,7 +3,8 @@
 Contract pinned here: each uid is classified once (held, then trained or stale; or filtered /
 failed / malformed / duplicate), `put` is all-or-nothing against the capacity, `take` is FIFO over
 fresh groups, and the TrainBatch it builds is padded as the learner expects and carries exactly the
-advantages and weights the algos functions give for the same rewards.
+advantages and weights the algos functions give for the same rewards. The reward band is applied
+once: at `put` under band_filter="drop", as weight 0 at `take` under "weight" (the seed's).
 """
 
 import json
@@ -146,12 +147,77 @@ def test_nan_on_an_ok_response_fails_the_group():
     (None, None, ["zeros", "mixed", "ones"]),
 ])
 def test_band_filter_is_open_interval(lb, ub, held):
-    """Keep a group only if its mean reward is in (lb, ub); the edges themselves are dropped."""
-    s = store(partition_reward_lb=lb, partition_reward_ub=ub)
+    """band_filter="drop": keep a group only if its mean reward is in (lb, ub); the edges are dropped."""
+    s = store(partition_reward_lb=lb, partition_reward_ub=ub, band_filter="drop")
     counts = s.put(batch(group("zeros", rewards=(0.0,) * N), group("mixed", rewards=(1.0, 0.0, 0.0, 0.0)),
                          group("ones", rewards=(1.0,) * N)))
     assert s.held_uids() == held
     assert counts["filtered"] == 3 - len(held) == s.counters["filtered"]
+
+
+@pytest.mark.parametrize("lb, ub, weighted", [
+    (0.0, 1.0, [False, True, False]),
+    (0.25, None, [False, False, True]),
+    (None, 0.25, [True, False, False]),
+    (None, None, [True, True, True]),
+])
+def test_band_filter_weight_keeps_groups_at_weight_zero(lb, ub, weighted):
+    """band_filter="weight" (default, the seed's): every group is held and trained; an
+    out-of-band group's rows get weight 0, the others weight 1 on their response tokens."""
+    s = store(partition_reward_lb=lb, partition_reward_ub=ub)
+    assert s.algorithm.band_filter == "weight"
+    counts = s.put(batch(group("zeros", rewards=(0.0,) * N), group("mixed", rewards=(1.0, 0.0, 0.0, 0.0)),
+                         group("ones", rewards=(1.0,) * N)))
+    assert counts["filtered"] == 0 and s.held_uids() == ["zeros", "mixed", "ones"]
+    tb, metrics = s.take(3, learner_step=0)
+    by_uid = dict(zip(["zeros", "mixed", "ones"], weighted))  # rows come in uid order
+    want = np.array([by_uid[u] for u in tb.uids], np.float32)[:, None] * tb.response_mask
+    np.testing.assert_array_equal(tb.partition_weights, want)
+    assert metrics["groups/band_zero_weight"] == 3 - sum(weighted)
+    s.confirm(1)
+    assert s.counters["trained"] == 3 and s.counters["filtered"] == 0
+
+
+@pytest.mark.parametrize("band_filter", ["weight", "drop"])
+def test_band_is_applied_once(band_filter, monkeypatch):
+    """The band is evaluated at `put` under "drop" and at `take` under "weight", never both, and
+    compute_wpmd_weight is never asked to apply it again."""
+    from async_pmd import grouping
+
+    calls = []
+    real_mask, real_weight = grouping.group_band_mask, grouping.compute_wpmd_weight
+    monkeypatch.setattr(grouping, "group_band_mask", lambda *a, **k: calls.append("band") or real_mask(*a, **k))
+    monkeypatch.setattr(grouping, "compute_wpmd_weight",
+                        lambda *a, **k: calls.append(f"weights apply_band={k['apply_band']}") or real_weight(*a, **k))
+    s = store(partition_reward_lb=0.0, partition_reward_ub=1.0, band_filter=band_filter, use_is=True)
+    s.put(batch(group("mixed"), group("zeros", rewards=(0.0,) * N)))
+    at_put, calls[:] = list(calls), []
+    s.take(len(s.held_uids()), learner_step=0)
+    assert (at_put, calls) == ((["band"], ["weights apply_band=False"]) if band_filter == "drop"
+                               else ([], ["weights apply_band=False", "band"]))
+
+
+def test_band_weight_mode_loss_is_kept_share_of_drop_mode_loss():
+    """The same groups through both modes: "weight" trains B rows, B_kept of them in band, and its
+    opmd loss (a mean over all B rows) is B_kept/B times the "drop" batch's loss."""
+    from async_pmd.algos import compute_policy_loss_opmd
+
+    groups = [group("a", rewards=(1.0, 0.0, 0.0, 1.0)), group("all0", rewards=(0.0,) * N),
+              group("b", rewards=(0.0, 1.0, 0.0, 0.0)), group("all1", rewards=(1.0,) * N)]
+    losses = {}
+    for mode in ("weight", "drop"):
+        s = store(partition_reward_lb=0.0, partition_reward_ub=1.0, band_filter=mode, partition_tau=0.5)
+        s.put(batch(*groups))
+        tb, _ = s.take(len(s.held_uids()), learner_step=0)
+        t = {k: torch.from_numpy(np.array(getattr(tb, k), np.float64))
+             for k in ("old_log_probs", "advantages", "response_mask", "partition_weights")}
+        new = t["old_log_probs"] + 0.1 * t["response_mask"]  # a policy that moved
+        loss, _ = compute_policy_loss_opmd(t["old_log_probs"], new, t["advantages"], t["response_mask"],
+                                           partition_weights=t["partition_weights"])
+        losses[mode] = (loss.item(), tb.batch_size)
+    (weighted, rows), (dropped, kept_rows) = losses["weight"], losses["drop"]
+    assert (rows, kept_rows) == (4 * N, 2 * N) and dropped > 0
+    assert weighted == pytest.approx(kept_rows / rows * dropped, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- staleness
@@ -269,7 +335,7 @@ def test_accounting_identity():
     malformed, and every distinct uid ends in exactly one place (held, or drained as resolved)."""
     rng = np.random.default_rng(0)
     s = store(capacity=6, max_staleness=1, on_failure="drop_group", partition_reward_lb=0.0,
-              partition_reward_ub=1.0)
+              partition_reward_ub=1.0, band_filter="drop")
     arrivals, distinct, resolved = 0, set(), []
     for step in range(30):
         groups = []
@@ -304,13 +370,13 @@ def test_accounting_identity():
 def test_state_dict_round_trip():
     """Counters and resolved uids survive JSON; held uids are not remembered, so their re-issue
     after a resume is accepted; a bad state is refused with ValueError."""
-    s = store(partition_reward_lb=0.0)
+    s = store(partition_reward_lb=0.0, band_filter="drop")
     s.put(batch(group("t"), group("f", rewards=(0.0,) * N), group("h")))
     s.put(batch(group("t")))
     s.take(1, learner_step=0)
     s.confirm(1)
     state = json.loads(json.dumps(s.state_dict()))
-    fresh = store(partition_reward_lb=0.0)
+    fresh = store(partition_reward_lb=0.0, band_filter="drop")
     fresh.load_state_dict(state)
     assert fresh.counters == {**s.counters, "held": 0}
     assert sorted(fresh.drain_resolved()) == [("f", "filtered", 0), ("t", "trained", 1)]
