@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from async_pmd.algos import entropy_from_logits, get_policy_loss_fn
+from async_pmd.algos import compute_rollout_correction, entropy_from_logits, get_policy_loss_fn
 
 if TYPE_CHECKING:
     from async_pmd.config import ActorConfig
@@ -105,7 +105,8 @@ def _to_torch(batch: TrainBatch, device: torch.device) -> dict[str, torch.Tensor
 
 
 def train_on_batch(
-    engine, batch: TrainBatch, actor: ActorConfig, rank: int, world_size: int, temperature: float = 1.0
+    engine, batch: TrainBatch, actor: ActorConfig, rank: int, world_size: int, temperature: float = 1.0,
+    max_response_length: int | None = None,
 ) -> dict[str, float]:
     """One learner step on this rank's share of `batch` (a collective: every rank calls it).
 
@@ -113,21 +114,27 @@ def train_on_batch(
     over ranks, so the update follows the mean of the ranks' losses. A rank with no rows in a
     mini-batch (tiny batches) still runs forward/backward/step, on one row with its loss × 0,
     so the collectives stay matched. π_old is the rollout's behaviour log-probs unless
-    `actor.recompute_old_log_prob`. Metrics are means over mini-batches and ranks; `actor/entropy`
-    is the token mean over the first epoch's forwards.
+    `actor.recompute_old_log_prob`. Every step reports the mismatch between the engine's and the
+    learner's log-probs of the trained tokens (`rollout_corr/*`); with `actor.rollout_is` the
+    truncated importance weights between them multiply the loss (verl's rollout correction).
+    `max_response_length` is L_max of `seq-mean-token-sum-norm` (the configured response length).
+    Metrics are means over mini-batches and ranks; `actor/entropy` is the token mean over the
+    first epoch's forwards.
     """
     if batch.batch_size == 0:
         raise ValueError("train_on_batch: empty TrainBatch")
     data = _to_torch(batch, engine.device)
     plan = plan_mini_batches(batch.uids, rank, world_size, actor.ppo_mini_batch_size, actor.ppo_epochs,
                              seed=batch.learner_step)
+    data["rollout_log_probs"] = data["old_log_probs"]  # the engine's, whatever π_old becomes
     if actor.recompute_old_log_prob:
         data["old_log_probs"] = _recompute_old_log_probs(engine, data, plan[0], temperature)
     loss_fn = get_policy_loss_fn(actor.policy_loss.loss_mode)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # key -> [sum, count]
     for epoch, mini_batches in enumerate(plan):
         for rows in mini_batches:
-            step_metrics = _train_mini_batch(engine, data, rows, actor, loss_fn, temperature, epoch == 0)
+            step_metrics = _train_mini_batch(engine, data, rows, actor, loss_fn, temperature, epoch == 0,
+                                             max_response_length)
             for key, (value, weight) in step_metrics.items():
                 totals[key][0] += value * weight
                 totals[key][1] += weight
@@ -154,7 +161,7 @@ def _rows_or_dummy(rows: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(rows if len(rows) else np.zeros(1, dtype=np.int64))
 
 
-def _train_mini_batch(engine, data, rows, actor, loss_fn, temperature, with_entropy):
+def _train_mini_batch(engine, data, rows, actor, loss_fn, temperature, with_entropy, max_response_length):
     """forward → loss → backward → step on `rows`; returns {metric: (value, weight)}."""
     idx = _rows_or_dummy(rows)
     mb = {name: tensor[idx] for name, tensor in data.items()}
@@ -162,10 +169,15 @@ def _train_mini_batch(engine, data, rows, actor, loss_fn, temperature, with_entr
         engine, mb["prompts"], mb["responses"], mb["attention_mask"], temperature, with_entropy
     )
     mask = mb["response_mask"]
+    # The learner's side of the engine/learner mismatch: π_old itself when recomputed, else π_θ.
+    learner = mb["old_log_probs"] if actor.recompute_old_log_prob else log_probs.detach()
+    is_weights, correction_metrics = compute_rollout_correction(learner, mb["rollout_log_probs"], mask, actor)
     loss, loss_metrics = loss_fn(
         mb["old_log_probs"], log_probs, mb["advantages"], mask,
         loss_agg_mode=actor.loss_agg_mode, config=actor, partition_weights=mb["partition_weights"],
+        rollout_is_weights=is_weights, max_response_length=max_response_length,
     )
+    loss_metrics = {**loss_metrics, **correction_metrics}
     real = 1.0 if len(rows) else 0.0
     lr = engine.get_lr()[0]  # the lr this step applies (the scheduler advances inside step)
     engine.backward(loss * real)

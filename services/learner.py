@@ -36,11 +36,13 @@ class LearnerRank:
     """Owns one DeepSpeed engine (model + optimizer shard) and the step counter it has applied."""
 
     def __init__(self, *, actor: ActorConfig, learner: LearnerConfig, model: ModelConfig, rank: int,
-                 world_size: int, master_port: int, total_optimizer_steps: int, temperature: float, seed: int,
+                 world_size: int, master_port: int, total_optimizer_steps: int, temperature: float,
+                 max_response_length: int, seed: int,
                  max_wire_bytes: int, max_weight_bytes: int, namespace: str, rendezvous_file: str | None = None):
         self._actor, self._learner, self._model = actor, learner, model
         self._rank, self._world_size = rank, world_size
-        self._temperature, self._max_wire_bytes, self._max_weight_bytes = temperature, max_wire_bytes, max_weight_bytes
+        self._temperature, self._max_response_length = temperature, max_response_length
+        self._max_wire_bytes, self._max_weight_bytes = max_wire_bytes, max_weight_bytes
         ds_engine.setup_deepspeed_env(rank, world_size, master_port, use_gpu=learner.num_gpus_per_rank > 0)
         import torch
 
@@ -66,7 +68,7 @@ class LearnerRank:
             logger.warning("rank %d refused a train batch: %s", self._rank, exc)
             raise
         metrics = pmd_step.train_on_batch(self._engine, batch, self._actor, self._rank, self._world_size,
-                                          temperature=self._temperature)
+                                          temperature=self._temperature, max_response_length=self._max_response_length)
         freq = self._actor.reset_optimizer_states_freq
         if freq and (batch.learner_step + 1) % freq == 0:
             ds_engine.reset_optimizer_state(self._engine)
@@ -128,7 +130,8 @@ class LearnerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
             ).remote(actor=cfg.actor, learner=lc, model=cfg.model, rank=r, world_size=lc.num_ranks,
                      master_port=port, total_optimizer_steps=cfg.total_optimizer_steps,
-                     temperature=cfg.generator.temperature, seed=cfg.trainer.seed, max_wire_bytes=cfg.wire.max_bytes,
+                     temperature=cfg.generator.temperature, max_response_length=cfg.generator.response_length,
+                     seed=cfg.trainer.seed, max_wire_bytes=cfg.wire.max_bytes,
                      max_weight_bytes=cfg.weight_sync.max_bytes, namespace=cfg.ray.namespace,
                      rendezvous_file=self._rendezvous)
             for r in range(lc.num_ranks)
