@@ -49,6 +49,9 @@ class RayConfig(Section):
     """Ray namespace for the named actors of one job."""
     temp_dir: str | None = None
     """Ray session directory; None = Ray's default."""
+    wait_for_resources_s: float = Field(0.0, ge=0)
+    """How long to wait for a cluster too small for the job to grow (an autoscaling cluster), in
+    seconds; 0 = fail at once, naming each actor's reservation and what the cluster has."""
 
 
 class TinyModelSpec(Section):
@@ -177,7 +180,9 @@ class ScorerConfig(Section):
     reward_fn: str = "synthetic"
     """Built-in name, `package.module:function`, or `path/to/file.py:function`."""
     timeout_s: float = Field(5.0, gt=0)
-    """Per-call limit of one reward function call."""
+    """Per-call limit of one reward function call, in seconds."""
+    num_workers: int = Field(2, ge=1)
+    """Worker processes per scorer replica that run the reward calls (a hung one is killed and replaced)."""
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, gt=0)
     max_ongoing_requests: int = Field(8, ge=1)
@@ -285,8 +290,8 @@ class WeightSyncConfig(Section):
 
 class MetricsConfig(Section):
     enabled: bool = True
-    host: str = "127.0.0.1"
-    """Address of the metrics listener; loopback by default."""
+    """Export every actor's metrics on Ray's metrics port (a private Ray: it listens on the node
+    address, 127.0.0.1 for the embedded default)."""
     export_port: int = Field(8080, ge=1024, le=65535)
     """Ray's metrics export port (Prometheus scrapes it)."""
 

@@ -70,7 +70,7 @@ METRICS: dict[str, Spec] = {
         "histogram", "s", "latency of scoring one rollout batch", _REPLICA, _SECONDS),
     "async_pmd_scorer_responses_total": Spec("counter", "responses", "responses scored", _REPLICA),
     "async_pmd_scorer_failures_total": Spec(
-        "counter", "responses", "failed reward calls by reason (timeout, exception:<type>, nonfinite, type, stuck)",
+        "counter", "responses", "failed reward calls by reason (timeout, exception:<type>, nonfinite, type, crash)",
         _REPLICA + ("reason",)),
     # buffer
     "async_pmd_buffer_groups_held": Spec(

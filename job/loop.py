@@ -67,6 +67,7 @@ class Trainer:
         if cfg.trainer.test_freq or cfg.trainer.val_before_train:
             self._validator = Validator(cfg, tokenizer)
         cluster.init_ray(cfg)
+        cluster.check_resources(cfg)  # before any actor: a cluster too small fails now, naming the shortfall
         # `python -m async_pmd.scale --run-dir <run_dir>` joins this job's Ray through this file.
         (self.run_dir / "ray_address").write_text(ray.get_runtime_context().gcs_address)
         self._start_services(resume_from)

@@ -36,14 +36,15 @@ class LearnerRank:
     """Owns one DeepSpeed engine (model + optimizer shard) and the step counter it has applied."""
 
     def __init__(self, *, actor: ActorConfig, learner: LearnerConfig, model: ModelConfig, rank: int,
-                 world_size: int, master_port: int, total_optimizer_steps: int, temperature: float,
+                 world_size: int, master_addr: str, master_port: int, total_optimizer_steps: int, temperature: float,
                  max_response_length: int, seed: int,
                  max_wire_bytes: int, max_weight_bytes: int, namespace: str, rendezvous_file: str | None = None):
         self._actor, self._learner, self._model = actor, learner, model
         self._rank, self._world_size = rank, world_size
         self._temperature, self._max_response_length = temperature, max_response_length
         self._max_wire_bytes, self._max_weight_bytes = max_wire_bytes, max_weight_bytes
-        ds_engine.setup_deepspeed_env(rank, world_size, master_port, use_gpu=learner.num_gpus_per_rank > 0)
+        ds_engine.setup_deepspeed_env(rank, world_size, master_port, use_gpu=learner.num_gpus_per_rank > 0,
+                                      master_addr=master_addr)
         import torch
 
         from async_pmd.models import load_model
@@ -120,16 +121,20 @@ class LearnerGroup:
         self._pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
         ray.get(self._pg.ready())
         port = lc.master_port or ds_engine.find_free_port()
-        # On a private Ray every rank is on this machine: rendezvous through a fresh file, so no
-        # TCPStore listens on all interfaces (torch binds it to [::]); a cluster uses the port.
-        self._rendezvous = None if cfg.ray.address else os.path.join(
-            tempfile.gettempdir(), f"async_pmd_rendezvous_{uuid.uuid4().hex}")
+        # Ranks that share a node (always on a private Ray, usually under PACK) rendezvous through
+        # a fresh file there, so nothing listens for it; ranks spread over nodes need torch's
+        # TCPStore, on rank 0's node address (torch binds its server to every interface).
+        bundle_nodes = ray.util.placement_group_table(self._pg)["bundles_to_node_id"]
+        one_node = len(set(bundle_nodes.values())) == 1
+        self._rendezvous = os.path.join(tempfile.gettempdir(), f"async_pmd_rendezvous_{uuid.uuid4().hex}") \
+            if one_node else None
+        master_addr = "127.0.0.1" if one_node else _node_address(bundle_nodes[0])
         self.ranks = [
             LearnerRank.options(
                 num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
             ).remote(actor=cfg.actor, learner=lc, model=cfg.model, rank=r, world_size=lc.num_ranks,
-                     master_port=port, total_optimizer_steps=cfg.total_optimizer_steps,
+                     master_addr=master_addr, master_port=port, total_optimizer_steps=cfg.total_optimizer_steps,
                      temperature=cfg.generator.temperature, max_response_length=cfg.generator.response_length,
                      seed=cfg.trainer.seed, max_wire_bytes=cfg.wire.max_bytes,
                      max_weight_bytes=cfg.weight_sync.max_bytes, namespace=cfg.ray.namespace,
@@ -198,3 +203,7 @@ class LearnerGroup:
             return ray.get(refs)
         except RayActorError as exc:
             raise LearnerDied(f"a learner rank died during {method}: {exc}") from exc
+
+
+def _node_address(node_id: str) -> str:
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)

@@ -4,7 +4,9 @@ Takes `RolloutBatch` bytes (chained straight from a generator's response by the 
 and returns `ScoredBatch` bytes. A reward function that raises, hangs past `scorer.timeout_s`, or
 returns a non-number or a non-finite value gives that response the status `failed:<reason>`
 and score 0 (the GroupBuffer then trains or drops the group, per `buffer.on_reward_failure`); it
-never fails the request. User reward code is loaded only from the path or module the config names.
+never fails the request. User reward code is loaded only from the path or module the config names, and every
+reward call runs in one of `scorer.num_workers` worker processes, so a reward that hangs or
+crashes costs its own response a status, never the replica.
 """
 
 from __future__ import annotations
@@ -18,19 +20,19 @@ from ray import serve
 
 from async_pmd import names, telemetry, wire
 from async_pmd.config import ScorerConfig
-from async_pmd.rewards import RewardRunner, load_reward_fn
+from async_pmd.rewards import RewardRunner
 
 logger = logging.getLogger(__name__)
 
 
 @serve.deployment(name=names.SCORER_DEPLOYMENT)
 class RewardScorer:
-    """One replica: a RewardRunner (worker threads with per-call timeouts, failure counters)."""
+    """One replica: a RewardRunner (worker processes with per-call timeouts, failure counters)."""
 
     def __init__(self, *, scorer: ScorerConfig, max_resp_len: int, max_wire_bytes: int):
         overlong = scorer.overlong_buffer
         self._runner = RewardRunner(
-            load_reward_fn(scorer.reward_fn), timeout_s=scorer.timeout_s,
+            scorer.reward_fn, timeout_s=scorer.timeout_s, max_workers=scorer.num_workers,
             overlong_buffer_len=overlong.len if overlong.enable else 0,
             overlong_penalty_factor=overlong.penalty_factor, max_resp_len=max_resp_len,
         )
@@ -42,8 +44,8 @@ class RewardScorer:
     async def score(self, rollouts: bytes | np.ndarray) -> np.ndarray:
         """ScoredBatch bytes for one RolloutBatch."""
         batch = wire.decode(rollouts, max_bytes=self._max_wire_bytes, expect=wire.RolloutBatch)
-        # Reward functions are user code that may block: keep the replica's event loop free.
-        scored = await asyncio.to_thread(lambda: [self._score_group(g) for g in batch.groups])
+        # Waiting on the workers blocks: keep the replica's event loop free.
+        scored = await asyncio.to_thread(self._score, batch.groups)
         self._metrics.sync({"responses_total": self._runner.num_calls})
         for reason, count in dict(self._runner.failures).items():  # a copy: worker threads add to it
             self._metrics.sync({"failures_total": count}, reason=reason)
@@ -51,10 +53,10 @@ class RewardScorer:
 
     def status(self) -> dict:
         return {"calls": self._runner.num_calls, "failures": dict(self._runner.failures),
-                "stuck_threads": self._runner.num_stuck, "pid": os.getpid()}
+                "workers": len(self._runner.worker_pids()), "pid": os.getpid()}
 
-    def _score_group(self, group: wire.RolloutGroup) -> wire.ScoredGroup:
-        rewards, statuses, extras = self._runner.score_group(
-            group.prompt_text, group.response_texts, group.answer, dict(group.extra),
-            response_lengths=[len(r) for r in group.response_ids])
-        return wire.ScoredGroup.from_rollout(group, rewards, statuses, extras)
+    def _score(self, groups: list[wire.RolloutGroup]) -> list[wire.ScoredGroup]:
+        results = self._runner.score_groups([
+            (g.prompt_text, g.response_texts, g.answer, dict(g.extra), [len(r) for r in g.response_ids])
+            for g in groups])
+        return [wire.ScoredGroup.from_rollout(g, *result) for g, result in zip(groups, results)]

@@ -1,36 +1,43 @@
-"""RewardRunner: score one group of responses with a reward function, under a per-call timeout,
-turning every failure into a status instead of an exception. The Scorer service owns one.
+"""RewardRunner: score groups of responses with a reward function in worker processes that a
+hang cannot outlive, turning every failure into a status instead of an exception. The
+RewardScorer service owns one.
 
 Statuses: "ok", "failed:timeout", "failed:exception:<ExcType>", "failed:nonfinite" (NaN or inf
-score), "failed:type" (not a number, or a dict without a numeric "score"), "failed:stuck" (not
-run: `max_stuck_threads` threads are still stuck in earlier calls). A failed response's
-reward is 0.0; its status tells the GroupBuffer, which trains or drops the group by its own
-policy (`buffer.on_reward_failure`). `failures` counts them by reason ("timeout", ...).
+score), "failed:type" (not a number, or a dict without a numeric "score"), "failed:crash" (the
+worker process died). A failed response's reward is 0.0; its status tells the GroupBuffer,
+which trains or drops the group by its own policy (`buffer.on_reward_failure`). `failures`
+counts them by reason ("timeout", ...).
 
-Python cannot kill a thread: a call past its timeout is abandoned, not stopped. Its worker keeps
-running it (a daemon thread, so it never blocks exit) and a fresh worker takes its place;
-`num_stuck` counts such threads. A CPU-bound one also competes for the GIL (math-verify's sympy
-can spin on a pathological answer), so past `max_stuck_threads` the runner stops calling the
-function until some return, rather than leaking a thread per call.
+Python cannot kill a thread, so the calls run in a pebble `ProcessPool` (forkserver) of
+`max_workers` processes, one task per group. Inside the task each call gets `timeout_s` from a
+timer signal (a pure-Python loop, e.g. math-verify's sympy on a pathological answer, stops
+there and the next call runs); a call stuck in C code past the task's whole budget gets its
+worker killed and replaced by pebble, and the group's unscored responses fail as timeouts. So
+the scorer's threads and processes stay bounded whatever the reward does.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import queue
+import multiprocessing
+import signal
 import threading
-import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
+from pebble import ProcessExpired, ProcessPool
 
 from async_pmd.rewards.builtin import RewardFn
 
 logger = logging.getLogger(__name__)
 
+# A task's hard limit beyond its calls' soft ones: the time to start a call and send results back.
+_TASK_SLACK_S = 2.0
+Outcome = tuple[str, float, dict[str, float]]
 
 
 def overlong_penalty(
@@ -49,105 +56,29 @@ def overlong_penalty(
     return -exceed / buffer_len * penalty_factor
 
 
-class _Call:
-    """One reward call. Its lock decides, exactly once, whether the caller took the result or
-    abandoned the call: a result that arrives after `abandon()` is discarded."""
-
-    def __init__(self, fn: RewardFn, args: tuple):
-        self.fn, self.args = fn, args
-        self.started_at: float | None = None  # time.monotonic() when a worker picked it up
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._abandoned = False
-
-    def run(self) -> bool:
-        """Run in a worker thread; True if the caller had already abandoned the call."""
-        self.started_at = time.monotonic()
-        result, error = None, None
-        try:
-            result = self.fn(*self.args)
-        except BaseException as e:  # noqa: BLE001 - user code; reported as a status
-            error = e
-        with self._lock:
-            self.result, self.error = result, error
-            self.done.set()
-            return self._abandoned
-
-    def abandon(self) -> bool:
-        """False if the call finished in the meantime (then its result stands)."""
-        with self._lock:
-            if self.done.is_set():
-                return False
-            self._abandoned = True
-            return True
-
-
-class _WorkerPool:
-    """`size` daemon threads over one queue; a thread stuck in an abandoned call is replaced at
-    once and exits if its call ever returns, so `size` threads are always free to take work."""
-
-    def __init__(self, size: int):
-        self._size = size
-        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards num_stuck
-        self.num_stuck = 0
-        for _ in range(size):
-            self._start_worker()
-
-    def submit(self, fn: RewardFn, args: tuple) -> _Call:
-        call = _Call(fn, args)
-        self._queue.put(call)
-        return call
-
-    def abandon(self, call: _Call) -> bool:
-        """Give up on a running call; False if it finished just now."""
-        if not call.abandon():
-            return False
-        with self._lock:
-            self.num_stuck += 1
-        self._start_worker()
-        return True
-
-    def close(self) -> None:
-        for _ in range(self._size):
-            self._queue.put(None)
-
-    def _start_worker(self) -> None:
-        threading.Thread(target=self._work, name="reward-worker", daemon=True).start()
-
-    def _work(self) -> None:
-        while (call := self._queue.get()) is not None:
-            if call.run():  # a replacement already took this thread's place
-                with self._lock:
-                    self.num_stuck -= 1
-                return
-
-
 class RewardRunner:
-    """Scores groups with one reward function; owns the worker threads and failure counters.
+    """Scores groups with one reward function; owns the worker processes and failure counters.
 
-    `timeout_s=None` runs calls inline in the caller's thread with no timeout (trusted, fast
-    functions). With `overlong_buffer_len > 0`, `score_group` needs token lengths and adds
-    `overlong_penalty` to every successful score.
+    `reward` is a spec (`load_reward_fn`) or an importable module-level function: each worker
+    loads it. `timeout_s=None` runs calls inline in the caller's thread with no timeout and no
+    process (trusted, fast functions; tests). With `overlong_buffer_len > 0`, scoring needs
+    token lengths and adds `overlong_penalty` to every successful score.
     """
 
     def __init__(
         self,
-        fn: RewardFn,
+        reward: str | RewardFn,
         timeout_s: float | None = 10.0,
         *,
-        max_workers: int = 4,
-        max_stuck_threads: int = 64,
+        max_workers: int = 2,
         overlong_buffer_len: int = 0,
         overlong_penalty_factor: float = 1.0,
         max_resp_len: int | None = None,
     ):
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 or None (no timeout), got {timeout_s}")
-        if max_workers < 1 or max_stuck_threads < 1:
-            raise ValueError("max_workers and max_stuck_threads must be >= 1")
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
         if overlong_buffer_len < 0 or overlong_penalty_factor < 0:
             raise ValueError("overlong_buffer_len and overlong_penalty_factor must be >= 0")
         if overlong_buffer_len > 0 and (max_resp_len is None or max_resp_len < overlong_buffer_len):
@@ -155,23 +86,23 @@ class RewardRunner:
                 f"the overlong penalty needs max_resp_len >= overlong_buffer_len "
                 f"({overlong_buffer_len}), got max_resp_len={max_resp_len}"
             )
-        self.fn = fn
+        from async_pmd.rewards.custom import load_reward_fn
+
+        # Loaded here too, so a bad spec fails at construction, not in a worker.
+        self.fn = load_reward_fn(reward) if isinstance(reward, str) else reward
         self.timeout_s = timeout_s
-        self.max_stuck_threads = max_stuck_threads
         self.overlong_buffer_len = overlong_buffer_len
         self.overlong_penalty_factor = overlong_penalty_factor
         self.max_resp_len = max_resp_len
         self.failures: Counter[str] = Counter()  # failed calls by reason, e.g. "timeout"
         self.num_calls = 0
-        # score_group may run in several threads at once (the scorer serves requests in
-        # parallel); the counters are the only state they share outside the pool.
+        # Scoring may run in several threads at once (the scorer serves requests in parallel);
+        # the counters are the only state they share outside the pool.
         self._counter_lock = threading.Lock()
-        self._pool = _WorkerPool(max_workers) if timeout_s is not None else None
-
-    @property
-    def num_stuck(self) -> int:
-        """Worker threads still running a call that timed out."""
-        return self._pool.num_stuck if self._pool is not None else 0
+        self._pool = None if timeout_s is None else ProcessPool(
+            max_workers=max_workers, initializer=_init_worker, initargs=(reward,),
+            context=multiprocessing.get_context("forkserver"))
+        self.max_workers = max_workers
 
     def score_group(
         self,
@@ -186,13 +117,22 @@ class RewardRunner:
         Never raises because of the reward function; raises ValueError only for a caller's
         mistake (lengths that do not match, or missing while the overlong penalty is on).
         """
-        n = len(responses)
-        if response_lengths is not None and len(response_lengths) != n:
-            raise ValueError(f"{len(response_lengths)} response_lengths for {n} responses")
-        if self.overlong_buffer_len > 0 and response_lengths is None:
-            raise ValueError("the overlong penalty is on: pass response_lengths (tokens)")
+        return self.score_groups([(prompt, responses, ground_truth, extra, response_lengths)])[0]
+
+    def score_groups(self, groups: Sequence[tuple]) -> list[tuple[np.ndarray, list[str], dict[str, list[float]]]]:
+        """`score_group` for each (prompt, responses, ground_truth, extra, response_lengths), the
+        groups' calls sent to the workers at once."""
+        for _, responses, _, _, lengths in groups:
+            if lengths is not None and len(lengths) != len(responses):
+                raise ValueError(f"{len(lengths)} response_lengths for {len(responses)} responses")
+            if self.overlong_buffer_len > 0 and lengths is None:
+                raise ValueError("the overlong penalty is on: pass response_lengths (tokens)")
         # each call gets its own copy of extra, so a function that edits it cannot race itself
-        outcomes = self._run_calls([(prompt, r, ground_truth, dict(extra)) for r in responses])
+        calls = [[(prompt, r, truth, dict(extra)) for r in responses] for prompt, responses, truth, extra, _ in groups]
+        return [self._assemble(outcomes, g[4]) for outcomes, g in zip(self._run(calls), groups)]
+
+    def _assemble(self, outcomes: list[Outcome], response_lengths) -> tuple[np.ndarray, list[str], dict]:
+        n = len(outcomes)
         rewards = np.empty(n, dtype=np.float32)
         statuses: list[str] = []
         extras: dict[str, list[float]] = {}
@@ -216,42 +156,75 @@ class RewardRunner:
         return rewards, statuses, extras
 
     def close(self) -> None:
-        """Let the idle worker threads exit; stuck ones exit when (if) their call returns."""
+        """Stop the worker processes (a call still running is killed)."""
         if self._pool is not None:
-            self._pool.close()
+            self._pool.stop()
+            self._pool.join()
 
-    def _run_calls(self, calls: list[tuple]) -> list[tuple[str, float, dict[str, float]]]:
+    def worker_pids(self) -> list[int]:
+        """The live worker processes (bounded by `max_workers`)."""
+        import psutil
+
+        return [c.pid for c in psutil.Process().children(recursive=True)
+                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+    def _run(self, calls: list[list[tuple]]) -> list[list[Outcome]]:
         if self._pool is None:
-            return [_outcome(*_call_inline(self.fn, args)) for args in calls]
-        if self._pool.num_stuck >= self.max_stuck_threads:
-            logger.error("%d reward threads stuck: refusing calls until some return", self.num_stuck)
-            return [("failed:stuck", math.nan, {})] * len(calls)
-        pending = [self._pool.submit(self.fn, args) for args in calls]
-        outcomes = []
-        for call in pending:  # in submission order, so earlier calls' workers are freed first
-            if self._wait(call):
-                outcomes.append(_outcome(call.result, call.error))
-            else:
-                outcomes.append(("failed:timeout", math.nan, {}))
-        return outcomes
+            return [[_outcome(*_call_inline(self.fn, args)) for args in group] for group in calls]
+        futures = [self._pool.schedule(_score_calls, args=(group, self.timeout_s),
+                                       timeout=len(group) * self.timeout_s + _TASK_SLACK_S) for group in calls]
+        return [self._result(future, len(group)) for future, group in zip(futures, calls)]
 
-    def _wait(self, call: _Call) -> bool:
-        """True once the call finished; False if it ran past timeout_s and was abandoned."""
-        while not call.done.is_set():
-            if call.started_at is None:  # queued: the clock starts when a worker takes it
-                call.done.wait(self.timeout_s)
-                continue
-            remaining = call.started_at + self.timeout_s - time.monotonic()
-            if remaining <= 0:
-                if self._pool.abandon(call):
-                    logger.warning(
-                        "reward call timed out after %.3gs; %d worker threads stuck",
-                        self.timeout_s, self._pool.num_stuck,
-                    )  # fmt: skip
-                    return False
-                return True
-            call.done.wait(remaining)
-        return True
+    def _result(self, future, n: int) -> list[Outcome]:
+        try:
+            return future.result()
+        except FutureTimeout:
+            logger.warning("a reward task ran past its %.3g s budget: its worker was killed and replaced",
+                           n * self.timeout_s + _TASK_SLACK_S)
+            return [("failed:timeout", math.nan, {})] * n
+        except ProcessExpired as exc:
+            logger.warning("a reward worker died (%s): replaced", exc)
+            return [("failed:crash", math.nan, {})] * n
+        except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be sent back
+            return [(f"failed:exception:{type(exc).__name__}", math.nan, {})] * n
+
+
+# ---------------------------------------------------------------- in the worker process
+
+_worker_fn: RewardFn | None = None
+
+
+class _SoftTimeout(BaseException):
+    """Raised into a reward call by the timer signal (a BaseException: `except Exception` in user
+    code does not swallow it)."""
+
+
+def _on_alarm(signum, frame):
+    raise _SoftTimeout
+
+
+def _init_worker(reward: str | RewardFn) -> None:
+    global _worker_fn
+    from async_pmd.rewards.custom import load_reward_fn
+
+    _worker_fn = load_reward_fn(reward) if isinstance(reward, str) else reward
+    signal.signal(signal.SIGALRM, _on_alarm)
+
+
+def _score_calls(calls: list[tuple], timeout_s: float) -> list[Outcome]:
+    """Run in a worker: each call under its own `timeout_s` timer."""
+    out = []
+    for args in calls:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            out.append(_outcome(_worker_fn(*args), None))
+        except _SoftTimeout:
+            out.append(("failed:timeout", math.nan, {}))
+        except Exception as e:  # noqa: BLE001 - user code; reported as a status
+            out.append(_outcome(None, e))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    return out
 
 
 def _call_inline(fn: RewardFn, args: tuple) -> tuple[Any, BaseException | None]:

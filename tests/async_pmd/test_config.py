@@ -22,7 +22,7 @@ def test_shipped_configs_validate():
     cfg = load_config(REPO / "configs" / "cluster.yaml")
     assert cfg.algorithm.adv_estimator == "ploo"
     assert cfg.actor.policy_loss.loss_mode == "opmd"
-    assert cfg.metrics.host == "127.0.0.1"
+    assert cfg.ray.address is None  # a private Ray on 127.0.0.1 (tests/services/test_faults.py)
 
 
 def test_seed_launch_overrides_verbatim():
@@ -185,3 +185,15 @@ def test_math_configs_validate():
     val = gpu.generator.val_kwargs
     assert (gpu.trainer.test_freq, val.n, val.do_sample, val.temperature, val.top_p) == (5, 32, True, 1.0, 0.7)
     assert gpu.trainer.save_freq == 100 and gpu.scorer.max_resp_len == gpu.generator.response_length == 8192
+
+
+def test_a_config_that_can_never_dispatch_is_refused_naming_the_keys():
+    """Requests of 16 prompts for batches of 8 in sync mode: every request spans two learner
+    steps, so its later half would always be stale; refused at load, naming the keys."""
+    with pytest.raises(ConfigError) as err:
+        build_config({}, ["data.train_batch_size=8", "generator.prompts_per_request=16", "buffer.max_staleness=0",
+                          "buffer.capacity_groups=64"])
+    for key in ("generator.prompts_per_request", "data.train_batch_size", "buffer.max_staleness"):
+        assert key in str(err.value)
+    build_config({}, ["data.train_batch_size=8", "generator.prompts_per_request=16", "buffer.max_staleness=1",
+                      "buffer.capacity_groups=64"])

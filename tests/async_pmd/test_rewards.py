@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import os
+import signal
 import threading
 import time
 
@@ -144,16 +146,21 @@ def test_spec_errors(tmp_path):
 # --- RewardRunner ----------------------------------------------------------------------------
 
 
-RELEASE = threading.Event()  # lets "hang" calls finish once a test has seen them time out
-
-
 def misbehaving(prompt, response, ground_truth, extra):
-    """Each response names a behaviour."""
+    """Each response names a behaviour (run in the runner's worker processes)."""
     if response == "raise":
         raise ZeroDivisionError("boom")
-    if response == "hang":
-        RELEASE.wait(10)
+    if response == "hang":  # a sleep, as a slow network call would
+        time.sleep(30)
         return 1.0
+    if response == "spin":  # pure-Python CPU loop, as sympy on a pathological answer
+        while True:
+            pass
+    if response == "hang_in_c":  # a call the timer signal cannot reach (it is blocked)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+        time.sleep(30)
+    if response == "crash":
+        os._exit(3)
     return {
         "ok": 1.0,
         "nan": math.nan,
@@ -166,88 +173,104 @@ def misbehaving(prompt, response, ground_truth, extra):
     }[response]
 
 
-BEHAVIOURS = ["ok", "raise", "hang", "nan", "inf", "str", "none", "dict", "nodict", "np"]
+BEHAVIOURS = ["ok", "raise", "hang", "nan", "inf", "str", "none", "dict", "nodict", "np", "spin"]
 STATUSES = ["ok", "failed:exception:ZeroDivisionError", "failed:timeout", "failed:nonfinite",
-            "failed:nonfinite", "failed:type", "failed:type", "ok", "failed:type", "ok"]  # fmt: skip
-FAILURES = {"exception:ZeroDivisionError": 1, "timeout": 1, "nonfinite": 2, "type": 3}
+            "failed:nonfinite", "failed:type", "failed:type", "ok", "failed:type", "ok",
+            "failed:timeout"]  # fmt: skip
+FAILURES = {"exception:ZeroDivisionError": 1, "timeout": 2, "nonfinite": 2, "type": 3}
 
 
 @pytest.fixture
-def release_hung_calls():
-    RELEASE.clear()
-    yield
-    RELEASE.set()
+def runner():
+    made = []
+
+    def make(**kwargs):
+        made.append(RewardRunner(misbehaving, **{"timeout_s": 0.2, "max_workers": 2, **kwargs}))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
 
 
-def wait_until(predicate, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return predicate()
-
-
-@pytest.mark.usefixtures("release_hung_calls")
-def test_failures_become_statuses_and_zeros():
-    runner = RewardRunner(misbehaving, timeout_s=0.2, max_workers=4)
+def test_failures_become_statuses_and_zeros(runner):
+    """Every failure is a status and a 0, in worker processes: a sleep and a pure-Python spin
+    each stop at their own 0.2 s timeout and the next call of the group runs."""
+    r = runner()
+    r.score_group("p", ["ok"], "1", {})  # workers started (forkserver, imports)
     start = time.monotonic()
-    rewards, statuses, extras = runner.score_group("p", BEHAVIOURS, "1", {})
-    assert time.monotonic() - start < 1.5  # the hang costs one 0.2 s timeout, not 10 s
+    rewards, statuses, extras = r.score_group("p", BEHAVIOURS, "1", {})
+    assert time.monotonic() - start < 2.5  # two 0.2 s timeouts, not 30 s or for ever
     assert statuses == STATUSES
     assert rewards.dtype == np.float32
-    np.testing.assert_array_equal(rewards, [1, 0, 0, 0, 0, 0, 0, 0.5, 0, 0.25])
-    assert runner.failures == collections.Counter(FAILURES)
+    np.testing.assert_array_equal(rewards, [1, 0, 0, 0, 0, 0, 0, 0.5, 0, 0.25, 0])
+    assert r.failures == collections.Counter(FAILURES)
     assert list(extras) == ["acc"]  # numeric metrics only; "pred" (a string) is not one
-    assert extras["acc"][7] == 1.0 and sum(math.isnan(v) for v in extras["acc"]) == 9
-    assert runner.num_calls == 10 and runner.num_stuck == 1
-    RELEASE.set()
-    assert wait_until(lambda: runner.num_stuck == 0)
-    runner.close()
+    assert extras["acc"][7] == 1.0 and sum(math.isnan(v) for v in extras["acc"]) == 10
+    assert r.num_calls == 12
 
 
-@pytest.mark.usefixtures("release_hung_calls")
-def test_stuck_workers_are_replaced():
-    """One worker, two hangs, then a good call: each hang times out in turn and a fresh worker
-    takes over, so the good call still runs (about 0.4 s in all)."""
-    runner = RewardRunner(misbehaving, timeout_s=0.2, max_workers=1)
+def test_a_call_stuck_in_c_code_kills_and_replaces_its_worker(runner):
+    """The timer cannot reach it: past the group's budget (calls x timeout + slack) pebble kills
+    the worker, the group's calls fail as timeouts, and a fresh worker serves the next group."""
+    r = runner(max_workers=1)
+    r.score_group("p", ["ok"], "1", {})
+    before = set(r.worker_pids())
     start = time.monotonic()
-    _, statuses, _ = runner.score_group("p", ["hang", "hang", "ok"], "1", {})
-    assert statuses == ["failed:timeout", "failed:timeout", "ok"]
-    assert 0.35 < time.monotonic() - start < 1.5
-    assert runner.num_stuck == 2
-    RELEASE.set()
-    assert wait_until(lambda: runner.num_stuck == 0)
-    assert runner.score_group("p", ["ok"], "1", {})[1] == ["ok"]
+    assert r.score_group("p", ["ok", "hang_in_c"], "1", {})[1] == ["failed:timeout"] * 2
+    assert time.monotonic() - start < 15.0  # the budget is 2.4 s; the call itself would take 30 s
+    assert r.score_group("p", ["ok"], "1", {})[1] == ["ok"]
+    assert set(r.worker_pids()) != before  # the stuck worker is gone, another took its place
 
 
-@pytest.mark.usefixtures("release_hung_calls")
-def test_concurrent_groups_share_the_workers():
-    """The scorer scores requests in parallel threads: each caller times out its own hangs, so
-    neither waits forever for a worker held by the other's hung call."""
+def test_a_crashing_reward_is_a_status_and_its_worker_is_replaced(runner):
+    r = runner(max_workers=1)
+    assert r.score_group("p", ["crash"], "1", {})[1] == ["failed:crash"]
+    assert r.score_group("p", ["ok"], "1", {})[1] == ["ok"]
+    assert r.failures == {"crash": 1}
+
+
+def test_fifty_hanging_calls_leave_threads_and_processes_bounded(runner):
+    """50 hangs over 10 groups: each costs its timeout, none outlives it; afterwards the
+    scorer's process holds as many threads and worker processes as before, and scores."""
+    r = runner(timeout_s=0.1, max_workers=2)
+    r.score_group("p", ["ok"], "1", {})
+    threads, workers = threading.active_count(), len(r.worker_pids())
+    start = time.monotonic()
+    results = r.score_groups([("p", ["hang"] * 5, "1", {}, None) for _ in range(10)])
+    assert [s for _, statuses, _ in results for s in statuses] == ["failed:timeout"] * 50
+    assert time.monotonic() - start < 15.0  # 50 x 0.1 s over 2 workers, plus overhead
+    assert threading.active_count() <= threads and len(r.worker_pids()) <= workers
+    assert r.score_group("p", ["ok", "ok"], "1", {})[1] == ["ok", "ok"]
+
+
+def test_concurrent_groups_share_the_workers(runner):
+    """The scorer scores requests in parallel threads: each caller's hang times out on its own."""
     from concurrent.futures import ThreadPoolExecutor
 
-    runner = RewardRunner(misbehaving, timeout_s=0.2, max_workers=1)
+    r = runner(max_workers=1)
     with ThreadPoolExecutor(2) as callers:
-        results = list(callers.map(lambda _: runner.score_group("p", ["hang", "ok"], "1", {}), range(2)))
-    assert [r[1] for r in results] == [["failed:timeout", "ok"]] * 2
-    assert runner.failures == {"timeout": 2} and runner.num_calls == 4
+        results = list(callers.map(lambda _: r.score_group("p", ["hang", "ok"], "1", {}), range(2)))
+    assert [res[1] for res in results] == [["failed:timeout", "ok"]] * 2
+    assert r.failures == {"timeout": 2} and r.num_calls == 4
 
 
-@pytest.mark.usefixtures("release_hung_calls")
-def test_calls_are_refused_while_too_many_threads_are_stuck():
-    runner = RewardRunner(misbehaving, timeout_s=0.1, max_workers=2, max_stuck_threads=2)
-    assert runner.score_group("p", ["hang", "hang"], "1", {})[1] == ["failed:timeout"] * 2
-    assert runner.score_group("p", ["ok"], "1", {})[1] == ["failed:stuck"]
-    assert runner.failures == {"timeout": 2, "stuck": 1}
-    RELEASE.set()
-    assert wait_until(lambda: runner.num_stuck == 0)
-    assert runner.score_group("p", ["ok"], "1", {})[1] == ["ok"]
+def test_a_reward_spec_is_loaded_in_the_workers(tmp_path, runner):
+    """A file spec (user code) is imported by each worker from the path the config names."""
+    path = tmp_path / "my_reward.py"
+    path.write_text("def score(prompt, response, ground_truth, extra):\n    return float(response == ground_truth)\n")
+    r = RewardRunner(f"{path}:score", timeout_s=1.0, max_workers=1)
+    try:
+        assert r.score_group("p", ["1", "2"], "1", {})[0].tolist() == [1.0, 0.0]
+    finally:
+        r.close()
 
 
-def test_inline_mode_has_no_threads_or_timeout():
-    runner = RewardRunner(misbehaving, timeout_s=None)
-    behaviours = [b for b in BEHAVIOURS if b != "hang"]
-    _, statuses, _ = runner.score_group("p", behaviours, "1", {})
-    assert statuses == [s for b, s in zip(BEHAVIOURS, STATUSES) if b != "hang"]
+def test_inline_mode_has_no_processes_or_timeout():
+    r = RewardRunner(misbehaving, timeout_s=None)
+    behaviours = [b for b in BEHAVIOURS if b not in ("hang", "spin")]
+    _, statuses, _ = r.score_group("p", behaviours, "1", {})
+    assert statuses == [s for b, s in zip(BEHAVIOURS, STATUSES) if b not in ("hang", "spin")]
 
 
 def reference_overlong(length, max_len, buffer, factor):
@@ -285,7 +308,6 @@ def test_runner_applies_the_overlong_penalty_to_successes():
     [
         ({"timeout_s": 0}, "timeout_s"),
         ({"max_workers": 0}, "max_workers"),
-        ({"max_stuck_threads": 0}, "max_stuck_threads"),
         ({"overlong_buffer_len": 4}, "max_resp_len"),
         ({"overlong_buffer_len": 8, "max_resp_len": 4}, "max_resp_len"),
     ],

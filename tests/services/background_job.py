@@ -24,7 +24,7 @@ def _default_sigint() -> None:
 class BackgroundJob:
     """`python -m async_pmd.launch configs/cluster.yaml ...` with its output in `<tmp>/<name>.log`."""
 
-    def __init__(self, tmp_path: Path, name: str, *overrides: str, model_dir: Path):
+    def __init__(self, tmp_path: Path, name: str, *overrides: str, model_dir: Path, new_session: bool = False):
         self.tmp_path, self.run_dir = tmp_path, tmp_path / name
         self.log_path = tmp_path / f"{name}.log"
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -32,8 +32,9 @@ class BackgroundJob:
                f"trainer.output_dir={tmp_path}", f"trainer.experiment_name={name}", f"model.path={model_dir}",
                "trainer.save_freq=0", "checkpoint.export_hf=false", *overrides]
         with open(self.log_path, "w") as log:
+            # new_session: its own process group, which a test can SIGKILL whole (os.killpg)
             self.proc = subprocess.Popen(cmd, cwd=tmp_path, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=_default_sigint)
+                                         preexec_fn=_default_sigint, start_new_session=new_session)
 
     def records(self) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"

@@ -11,8 +11,9 @@ an injector thread doing the damage from outside, then the tests read what the r
 - learner_run: the learner rank's process is SIGKILLed after a checkpoint; the trainer rebuilds
   the job from that checkpoint. The same faulty rewards run under `on_reward_failure=zero`, hostile
   TrainBatch bytes are sent straight to the new learner rank, and the learner is made ~16x slower
-  than generation (ppo_epochs x mini-batches) while staleness allows anything, so only the caps
-  bound memory: a sampler thread records their peaks through the whole run, restart included.
+  than generation (ppo_epochs x mini-batches) with `buffer.max_staleness` 2, which would admit
+  three batches ahead: the buffer's capacity (1.5 batches) is what bounds memory, and a sampler
+  thread records the peaks through the whole run, restart included.
 
 The accounting `groups/dispatched == trained + filtered + stale + failed + unfinished` is checked
 on every record: a group lost, counted twice, or smuggled in by a bad message would break it.
@@ -263,6 +264,7 @@ LEARNER_STEPS = 30
 LEARNER_SAVE_FREQ = 10
 LEARNER_KILL_AFTER = 15  # learner steps; the last checkpoint is then step 10
 CAPACITY = 48  # buffer.capacity_groups: a train batch (32) plus one request (16 prompts)
+LEARNER_MAX_STALENESS = 2
 MAX_INFLIGHT = 4
 
 
@@ -307,7 +309,7 @@ def learner_run(tmp_path_factory, model_dir) -> Job:
         f"trainer.total_steps={LEARNER_STEPS}", f"trainer.save_freq={LEARNER_SAVE_FREQ}", "metrics.enabled=false",
         f"scorer.reward_fn={FAULTY_REWARD}", "scorer.timeout_s=0.25", "buffer.on_reward_failure=zero",
         "actor.ppo_epochs=4", "actor.ppo_mini_batch_size=8",  # 16 optimizer steps per learner step
-        "buffer.max_staleness=1000", f"buffer.capacity_groups={CAPACITY}",
+        f"buffer.max_staleness={LEARNER_MAX_STALENESS}", f"buffer.capacity_groups={CAPACITY}",
         f"driver.max_inflight_requests={MAX_INFLIGHT}"], _kill_learner_and_send_bad_wire, _sample_caps)
 
 
@@ -321,6 +323,8 @@ def test_learner_death_restarts_from_the_last_checkpoint(learner_run):
     assert steps[restart:] == list(range(ckpt + 1, LEARNER_STEPS + 1))
     assert learner_run.accounting["learner/restarts"] == 1
     assert any("learner failure at step" in line for line in learner_run.log)
+    # Staleness is counted from the checkpoint's weights after the rollback, and stays bounded.
+    assert all(r["staleness/max"] <= LEARNER_MAX_STALENESS for r in learner_run.records)
 
 
 def test_restart_keeps_the_cursor_step_and_accounting_exact(learner_run):
