@@ -47,9 +47,10 @@ def deployment(role: str) -> dict:
 
 
 def replicas(role: str, with_status: bool = True) -> list[dict]:
-    """Live replicas of `role`: replica_id, state, pid, start_time_s, and with `with_status` the
+    """Live replicas of `role`: replica_id, state, pid, node_id, start_time_s, and with `with_status` the
     replica's own `status()` (RUNNING replicas only), oldest first."""
     rows = [{"replica_id": r["replica_id"], "state": getattr(r["state"], "value", r["state"]), "pid": r.get("pid"),
+             "node_id": r.get("node_id"),
              "start_time_s": r["start_time_s"]} for r in deployment(role)["replicas"]]
     if with_status and any(r["state"] == "RUNNING" for r in rows):
         app, name = ROLES[role]
