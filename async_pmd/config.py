@@ -19,11 +19,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from async_pmd import seed_keys
+
 # verl's loss aggregation modes (`actor.loss_agg_mode`); a loss may accept fewer (opmd: two).
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # The seed's verl spellings, rewritten to our sections before validation (longest prefix first).
 KEY_ALIASES = (
+    ("algorithm.rollout_correction.", "actor."),
     ("actor_rollout_ref.rollout.val_kwargs.", "generator.val_kwargs."),
     ("actor_rollout_ref.rollout.", "generator."),
     ("actor_rollout_ref.actor.", "actor."),
@@ -73,6 +76,8 @@ class ModelConfig(Section):
     """Shape of the tiny model built when `build_tiny` is on."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype for generation and training."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the learner's backward instead of keeping them (less memory, more compute)."""
 
 
 class DataConfig(Section):
@@ -136,8 +141,8 @@ class ValKwargs(Section):
 
 
 class GeneratorConfig(Section):
-    engine: Literal["torch", "sglang"] = "torch"
-    """Inference engine: `torch` (CPU default) or `sglang` (GPU; `pip install 'async-pmd[sglang]'`)."""
+    engine: Literal["torch", "sglang", "vllm"] = "torch"
+    """Inference engine: `torch` (CPU default), `sglang` or `vllm` (GPU; each in a venv of its own on CPU)."""
     num_replicas: int = Field(1, ge=1)
     """Fixed replica count (ignored when `autoscaling` is set)."""
     autoscaling: AutoscalingSpec | None = None
@@ -163,6 +168,18 @@ class GeneratorConfig(Section):
     health_check_period_s: float = Field(2.0, gt=0)
     """How often Serve checks each replica: a dead one is noticed and replaced within about this."""
     val_kwargs: ValKwargs = ValKwargs()
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine replica spans (the seed's rollout.tensor_model_parallel_size); SGLang and vLLM."""
+    gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
+    """Share of a GPU's memory the engine may take (SGLang's mem_fraction_static, vLLM's own key)."""
+    enforce_eager: bool = False
+    """No CUDA graphs (SGLang disable_cuda_graph, vLLM enforce_eager); the CPU engines run eager anyway."""
+    enable_chunked_prefill: bool = True
+    """Split long prefills into chunks of `max_num_batched_tokens` (SGLang and vLLM)."""
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    """Tokens the engine schedules in one forward; None = the engine's default."""
+    max_model_len: int | None = Field(None, ge=1)
+    """Context length the engine allocates for (prompt + response); None = the model's."""
     sglang: SGLangSpec = SGLangSpec()
 
 
@@ -241,6 +258,14 @@ class ActorConfig(Section):
     ppo_epochs: int = Field(1, ge=1)
     recompute_old_log_prob: bool = False
     """Recompute π_old on the learner instead of the generator's sampling log-probs (bypass mode)."""
+    ppo_micro_batch_size_per_gpu: int | None = Field(None, ge=1)
+    """Sequences per micro-batch on each rank (gradients accumulate to the mini-batch); None = the whole mini-batch."""
+    use_dynamic_bsz: bool = False
+    """Micro-batches by token budget (`ppo_max_token_len_per_gpu`) instead of by count."""
+    ppo_max_token_len_per_gpu: int = Field(16384, ge=1)
+    """Prompt + response tokens of one micro-batch at most, with `use_dynamic_bsz`."""
+    entropy_coeff: float = Field(0.0, ge=0)
+    """Weight of the token-mean entropy bonus subtracted from the loss (0 = off)."""
     reset_optimizer_states_freq: int = Field(0, ge=0)
     """Reset optimizer state every k learner steps (0 = never)."""
     use_kl_loss: bool = False
@@ -264,6 +289,10 @@ class LearnerConfig(Section):
     zero_stage: int = Field(2, ge=0, le=3)
     master_port: int | None = Field(None, ge=1024, le=65535)
     """Rendezvous port of the process group; None = a free port."""
+    offload_optimizer: bool = False
+    """ZeRO offload of the optimizer state (and gradients) to CPU memory."""
+    offload_param: bool = False
+    """ZeRO-3 offload of the parameters to CPU memory (zero_stage 3 only)."""
 
 
 class BufferConfig(Section):
@@ -314,9 +343,14 @@ class TrainerConfig(Section):
     """Checkpoint every k steps (0 = only at the end)."""
     resume: str = "disable"
     """`disable`, `auto` (latest checkpoint of this experiment), or a checkpoint path."""
+    total_epochs: int | None = Field(None, ge=1)
+    """Stop after this many passes over the train prompts, if that comes before `total_steps`."""
     test_freq: int = Field(0, ge=0)
     val_before_train: bool = False
     seed: int = 0
+    logger: list[Literal["console", "tensorboard", "wandb"]] = ["console"]
+    """Where step metrics go besides metrics.jsonl: the progress line, TensorBoard event files in
+    `<run_dir>/tensorboard`, and/or a W&B run (offline unless WANDB_MODE says otherwise) in `<run_dir>/wandb`."""
     max_learner_restarts: int = Field(3, ge=0)
     """Times a dead learner rank is survived by rebuilding from the last checkpoint (0 = fail the run)."""
 
@@ -417,11 +451,11 @@ def canonical_key(key: str) -> str:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`+a.b.c=value` -> (`a.b.c` with aliases resolved, the YAML-typed value)."""
+    """`+a.b.c=value` -> (`a.b.c` as written, without the `+`; the YAML-typed value)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value")
     raw_key, raw_value = item.split("=", 1)
-    key = canonical_key(raw_key.strip())
+    key = raw_key.strip().lstrip("+")
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r}: empty key")
     try:
@@ -451,22 +485,32 @@ def _flatten(tree: dict, prefix: str = ""):
             yield key, v
 
 
-def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
-    """Validate a config tree plus overrides; raises ConfigError naming the dotted keys."""
+def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 report: seed_keys.Report | None = None) -> ClusterConfig:
+    """Validate a config tree plus overrides; raises ConfigError naming the dotted keys.
+
+    The seed's own keys are translated first (`async_pmd.seed_keys`): a key with no effect here
+    is dropped and listed in `report`; a key that cannot be honoured is refused.
+    """
     resolved: dict = {}
+    items = [(str(k), v) for k, v in _flatten(copy.deepcopy(tree or {}))]
+    parsed = sorted((parse_override(item) for item in overrides), key=lambda kv: seed_keys.apply_order(kv[0]))
     # Flattening then re-nesting resolves the seed's verl spellings written inside a YAML file too.
-    for key, value in _flatten(copy.deepcopy(tree or {})):
-        set_dotted(resolved, canonical_key(str(key)), value)
-    for item in overrides:
-        set_dotted(resolved, *parse_override(item))
-    tree = resolved
+    for raw_key, value in [*items, *parsed]:
+        try:
+            pairs = seed_keys.resolve(raw_key.lstrip("+"), value, report)
+        except ValueError as exc:
+            raise ConfigError(f"invalid config:\n  {exc}") from None
+        for key, val in pairs:
+            set_dotted(resolved, canonical_key(key), val)
     try:
-        return ClusterConfig.model_validate(tree)
+        return ClusterConfig.model_validate(resolved)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from None
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                report: seed_keys.Report | None = None) -> ClusterConfig:
     """Read a YAML config file, apply `key=value` overrides, validate."""
     path = Path(path)
     if not path.is_file():
@@ -477,7 +521,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return build_config(tree, overrides)
+    return build_config(tree, overrides, report)
 
 
 def dump_config(cfg: ClusterConfig, path: str | os.PathLike) -> None:

@@ -88,7 +88,7 @@ class RunLog:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
-        logger.info("metrics.jsonl rolled back to step %d (%d records past it dropped)", step, len(lines) - len(kept))
+        logger.warning("metrics.jsonl rolled back to step %d (%d records past it dropped)", step, len(lines) - len(kept))
 
     def step_line(self, record: dict, last_val: dict) -> str:
         samples_s = self._samples_per_step / max(record["timing/step_s"], 1e-9)
