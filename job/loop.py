@@ -48,7 +48,8 @@ class Trainer:
         self._elapsed_before = 0.0  # wall time of earlier runs this one resumes
         self._last_checkpoint: Path | None = None  # what a learner restart rolls back to
         self._restarts = LearnerRestarts(cfg.trainer.max_learner_restarts)
-        self._log = record.RunLog(self.run_dir, cfg.data.train_batch_size * cfg.generator.n)
+        self._log = record.RunLog(self.run_dir, cfg.data.train_batch_size * cfg.generator.n, tuple(cfg.trainer.logger),
+                                  cfg.trainer.project_name, cfg.trainer.experiment_name, cfg.model_dump(mode="json"))
         self._faults = record.FaultReport()
         self._validator: Validator | None = None
         self._last_val: dict = {}  # the latest validation's metrics, shown in the progress line
@@ -90,30 +91,40 @@ class Trainer:
         """
         cfg = self.cfg.trainer
         self._deadline = time.monotonic() + cfg.total_minutes * 60 if cfg.total_minutes else None
-        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="pmd", dynamic_ncols=True)
+        total = self.total_steps()
+        bar = tqdm(total=total, initial=self.step, desc="pmd", dynamic_ncols=True)
         with _StopOnSignal() as stop:
             self._stop = stop
             try:
                 if cfg.val_before_train:
                     self._record_validation(self.validate(), bar)
-                while self.step < cfg.total_steps and not self._should_stop():
+                while self.step < total and not self._should_stop():
                     try:
                         metrics = self._train_step()
                         if metrics is None:  # stopped while waiting for a batch
                             break
-                        if self._validator is not None and self._validator.due(self.step):
+                        if self._validator is not None and self._validator.due(self.step, total):
                             metrics.update(self.validate())
                         self._record_step(metrics, bar)
                         if cfg.save_freq and self.step % cfg.save_freq == 0:
                             self.save()
                     except LearnerDied as exc:
                         self._restart_from_checkpoint(exc)
-                        bar.reset(total=cfg.total_steps)
+                        bar.reset(total=total)
                         bar.update(self.step)
             finally:
                 bar.close()
             self._finish()
         return self.last_metrics
+
+    def total_steps(self) -> int:
+        """`trainer.total_steps`, or fewer when `trainer.total_epochs` passes over the train
+        prompts end first (verl: one step per train_batch_size prompts of each epoch)."""
+        cfg = self.cfg.trainer
+        if cfg.total_epochs is None:
+            return cfg.total_steps
+        per_epoch = max(1, ray.get(self.services.driver.num_prompts.remote()) // self.cfg.data.train_batch_size)
+        return min(cfg.total_steps, cfg.total_epochs * per_epoch)
 
     def _should_stop(self) -> bool:
         if self._stop.reason:
@@ -172,7 +183,8 @@ class Trainer:
         self._faults.check(self.last_metrics)
         self._log.write(self.last_metrics)
         bar.update(1)
-        bar.write(self._log.step_line(self.last_metrics, self._last_val))
+        if self._log.console:
+            bar.write(self._log.step_line(self.last_metrics, self._last_val))
 
     def _elapsed(self) -> float:
         return self._elapsed_before + time.monotonic() - self._started
@@ -187,7 +199,8 @@ class Trainer:
     def _record_validation(self, metrics: dict, bar: tqdm) -> None:
         """A validation outside a learner step (before training) gets a record of its own."""
         self._log.write({"step": self.step, "time/elapsed_s": self._elapsed(), **metrics})
-        bar.write(self._log.validation_line(self.step, metrics))
+        if self._log.console:
+            bar.write(self._log.validation_line(self.step, metrics))
 
     # ------------------------------------------------------------------ checkpoints and restarts
 
@@ -235,6 +248,7 @@ class Trainer:
             if self.services is not None:
                 self.services.learners.shutdown()  # also removes the ranks' rendezvous file
         finally:
+            self._log.close()
             (self.run_dir / "ray_address").unlink(missing_ok=True)  # no job to scale any more
             ray.shutdown()
 

@@ -2,7 +2,8 @@
 
 `accounting` and `fault_counters` are pure functions of the driver's status (the driver reads the
 buffer's in the same call, so the counts agree). `RunLog` appends one JSON object per record to
-`<run_dir>/metrics.jsonl` and writes the progress line; `FaultReport` turns rises of the fault
+`<run_dir>/metrics.jsonl`, writes the progress line, and hands each record to the loggers of
+`trainer.logger` (`console`, `tensorboard`, `wandb`); `FaultReport` turns rises of the fault
 counters into one warning line per step.
 
 Accounting: every group is dispatched once and ends as exactly one of trained, filtered, stale,
@@ -66,15 +67,48 @@ class FaultReport:
 
 
 class RunLog:
-    """`metrics.jsonl` (append-only, one object per record) and the console line of each step."""
+    """`metrics.jsonl` (append-only, one object per record), the console line of each step, and
+    the optional TensorBoard / W&B loggers, opened on the first record."""
 
-    def __init__(self, run_dir: Path, samples_per_step: int):
+    def __init__(self, run_dir: Path, samples_per_step: int, loggers: tuple[str, ...] = ("console",),
+                 project: str = "async_pmd", experiment: str = "run", config: dict | None = None):
         self.path = run_dir / "metrics.jsonl"
+        self.console = "console" in loggers
         self._samples_per_step = samples_per_step
+        self._run_dir, self._loggers, self._names, self._config = run_dir, loggers, (project, experiment), config
+        self._tensorboard = self._wandb = None
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if "tensorboard" in self._loggers:
+            self._tensorboard = self._tensorboard or self._open_tensorboard()
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, record["step"])
+            self._tensorboard.flush()
+        if "wandb" in self._loggers:
+            self._wandb = self._wandb or self._open_wandb()
+            self._wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+    def _open_tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self._run_dir / "tensorboard"))
+
+    def _open_wandb(self):
+        import wandb
+
+        # Offline unless the user says otherwise: nothing leaves the machine by default.
+        (self._run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        return wandb.init(project=self._names[0], name=self._names[1], dir=str(self._run_dir),
+                          mode=os.environ.get("WANDB_MODE", "offline"), config=self._config, reinit="create_new")
 
     def roll_back(self, step: int) -> None:
         """Keep only the records of steps <= `step` (a resume from that checkpoint): the steps a

@@ -25,9 +25,10 @@ class Validator:
         self._prompts = source.next_batch(len(source))
         self._gauges = telemetry.RoleMetrics("val")
 
-    def due(self, step: int) -> bool:
+    def due(self, step: int, total_steps: int) -> bool:
+        """Every `trainer.test_freq` steps and at the last one."""
         freq = self._cfg.trainer.test_freq
-        return bool(freq) and (step % freq == 0 or step == self._cfg.trainer.total_steps)
+        return bool(freq) and (step % freq == 0 or step == total_steps)
 
     def run(self, step: int) -> dict:
         start = time.perf_counter()

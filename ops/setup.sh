@@ -17,5 +17,5 @@ if ! .venv/bin/python -c "import deepspeed.ops.op_builder" 2>/dev/null || \
   DS_ACCELERATOR=cpu DS_BUILD_SHM_COMM=1 .venv/bin/pip install -q -c "$C" \
     --no-build-isolation --no-binary deepspeed deepspeed
 fi
-.venv/bin/pip install -q -c "$C" -e ".[test,plot]"
+.venv/bin/pip install -q -c "$C" -e ".[test,plot,loggers]"
 touch "$stamp"

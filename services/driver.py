@@ -88,6 +88,10 @@ class RolloutDriver:
     def stop(self) -> None:
         self._stop.set()
 
+    def num_prompts(self) -> int:
+        """Prompts in one epoch of the train split (after the length filter)."""
+        return len(self._source)
+
     def pause(self) -> None:
         """Stop dispatching new requests (those in flight continue)."""
         self._paused = True

@@ -85,3 +85,14 @@ def test_resume_continues_step_and_cursor(tmp_path, model_dir):
     # Groups pending at the first stop are re-issued, not dispatched again, and not lost.
     assert_accounting(records[-1])
     assert records[-1]["groups/trained"] == 10 * 32
+
+
+def test_total_epochs_and_loggers(tmp_path, model_dir):
+    """The seed's trainer.total_epochs ends the run after that many passes over the train
+    prompts (here 64 prompts, 32 per step: 2 steps an epoch, 3 epochs), before total_steps; and
+    trainer.logger writes TensorBoard event files and an offline W&B run beside metrics.jsonl."""
+    records = launch(tmp_path, "epochs", "data.synthetic_size=64", "trainer.total_epochs=3", "trainer.total_steps=50",
+                     "trainer.save_freq=0", "trainer.logger=[console,tensorboard,wandb]", model_dir=model_dir)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert list((tmp_path / "epochs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "epochs" / "wandb").glob("offline-run-*"))
