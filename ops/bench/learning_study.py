@@ -59,10 +59,14 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "rloo": ("rloo + opmd", [ESTIMATOR.format("rloo"), LOSS.format("opmd"), *_tau(1.0)]),
     "grpo": ("grpo + vanilla (PPO-clip)", [ESTIMATOR.format("grpo"), LOSS.format("vanilla")]),
     "ploo_tau0.1": ("ploo + opmd, τ 0.1", [ESTIMATOR.format("ploo"), LOSS.format("opmd"), *_tau(0.1)]),
-    "ploo_tau0.01": ("ploo + opmd, τ 0.01", [ESTIMATOR.format("ploo"), LOSS.format("opmd"), *_tau(0.01)]),
+    "ploo_tau0.01": ("ploo (seed's) + opmd, τ 0.01", [ESTIMATOR.format("ploo"), LOSS.format("opmd"), *_tau(0.01)]),
+    # The exact leave-one-out: equal to the seed's ploo at τ 1 and 0.1 on 0/1 rewards
+    # (tests/async_pmd/test_algos_seed.py), so only τ 0.01 tells them apart.
+    "ploo_exact_tau0.01": ("ploo_exact + opmd, τ 0.01",
+                           [ESTIMATOR.format("ploo_exact"), LOSS.format("opmd"), *_tau(0.01)]),
 }
 ESTIMATORS = ("ploo", "rloo", "grpo")
-TAU_SWEEP = {"ploo": 1.0, "ploo_tau0.1": 0.1, "ploo_tau0.01": 0.01}
+TAU_SWEEP = {"ploo": 1.0, "ploo_tau0.1": 0.1, "ploo_tau0.01": 0.01, "ploo_exact_tau0.01": 0.01}
 THRESHOLDS = (0.8, 0.9)
 FINAL_STEPS = 100  # the final reward and entropy are means over the last this many steps
 
@@ -232,7 +236,7 @@ def plot(runs: dict[str, list[dict[str, np.ndarray]]], path: Path, window: int, 
     import matplotlib.pyplot as plt
 
     labels = {s: SETTINGS[s][0] if s in SETTINGS else s for s in runs}
-    tau_labels = {s: f"ploo + opmd, τ {t:g}" for s, t in TAU_SWEEP.items()}
+    tau_labels = {s: f"{'ploo_exact' if 'exact' in s else 'ploo'} + opmd, τ {t:g}" for s, t in TAU_SWEEP.items()}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=80)
     (a, b), (c, d) = axes
     _panel(a, runs, ESTIMATORS, "samples", "reward", window, labels, 1e3)
