@@ -78,7 +78,8 @@ class Trainer:
         self.step, self._last_checkpoint = restored.step, resume_from
         if resume_from is not None:
             self._elapsed_before = restored.elapsed_s
-            self._log.roll_back(self.step)  # the records past the checkpoint are not on this timeline
+        # The records past the step this run starts from (a checkpoint's, or 0) are not on its timeline.
+        self._log.roll_back(self.step)
 
     # ------------------------------------------------------------------ the loop
 
