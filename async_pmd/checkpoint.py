@@ -38,9 +38,12 @@ def commit(tmp: Path, state: dict, max_to_keep: int) -> Path:
         f.flush()
         os.fsync(f.fileno())
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
-    if final.exists():
-        shutil.rmtree(final)
+    old = final.with_name(final.name + ".old")
+    if final.exists():  # the same step saved again (the end of a run): never a half-deleted one
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     _prune(final.parent, max_to_keep)
     return final
 
