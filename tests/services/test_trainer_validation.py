@@ -36,7 +36,7 @@ SCENARIO = textwrap.dedent(
     trainer = Trainer(cfg)
 
     def frozen_state(tag):
-        state = ray.get(trainer.services.driver.state_dict.remote())
+        state = ray.get(trainer.services.driver.state_dict.remote(trained_steps=trainer.step))
         trainer.services.learners.export_hf(str(out / f"hf_{tag}"))
         weights = hashlib.sha256((out / f"hf_{tag}" / "model.safetensors").read_bytes()).hexdigest()
         return {"driver": state, "weights": weights, "store_version": ray.get(trainer.services.store.version.remote())}
