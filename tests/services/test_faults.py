@@ -371,3 +371,16 @@ def test_overload_is_bounded_by_the_caps(learner_run):
     assert peaks["unfinished"] >= CAPACITY - 16  # the cap, not the learner's pace, held it back
     assert peaks["held"] <= CAPACITY and peaks["unfinished"] <= CAPACITY
     assert peaks["inflight_requests"] <= MAX_INFLIGHT
+
+
+@pytest.mark.parametrize("run", ["generator_run", "learner_run"])
+def test_every_prompt_has_one_fate_after_the_faults(run, request):
+    """Through replica kills, reward faults, hostile wire and a learner rollback, the audit of
+    the final checkpoint finds every prompt drawn trained once, stale, failed, or pending."""
+    import subprocess
+    import sys
+
+    job = request.getfixturevalue(run)
+    proc = subprocess.run([sys.executable, "-m", "async_pmd.audit", str(job.run_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
