@@ -64,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         # Ray reads this once, when it is imported: only then do GCS, raylet and the metrics
         # export port of the private Ray bind 127.0.0.1 (setting it later has no effect).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from job.cluster import ResourceShortfall
     from job.loop import Trainer
 
     trainer = Trainer(cfg)
     try:
         trainer.setup()
         final = trainer.train()
+    except ResourceShortfall as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         trainer.cleanup()
     print(f"done: step {final.get('step')}, reward {final.get('reward/mean', float('nan')):.3f}, "

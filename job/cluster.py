@@ -77,6 +77,10 @@ def with_retries(start: Callable[[], object], waits_s: tuple[float, ...], cleanu
 # ---------------------------------------------------------------- resources
 
 
+class ResourceShortfall(RuntimeError):
+    """The cluster cannot hold the job's reservations; the message names each ask and each node."""
+
+
 @dataclass(frozen=True)
 class Ask:
     """One actor's reservation."""
@@ -119,7 +123,7 @@ def shortfall(needs: list[Ask], nodes: list[dict[str, float]]) -> str | None:
 
 
 def check_resources(cfg: ClusterConfig) -> None:
-    """Before deploying: fail with the shortfall (RuntimeError), or on an autoscaling cluster wait
+    """Before deploying: fail with the shortfall (ResourceShortfall), or on an autoscaling cluster wait
     up to `ray.wait_for_resources_s`, saying what is missing every 30 s."""
     deadline = time.monotonic() + cfg.ray.wait_for_resources_s
     last_report = 0.0
@@ -129,7 +133,7 @@ def check_resources(cfg: ClusterConfig) -> None:
         if why is None:
             return
         if time.monotonic() >= deadline:
-            raise RuntimeError(why)
+            raise ResourceShortfall(why)
         if time.monotonic() - last_report >= _RESOURCE_REPORT_S:
             logger.warning("waiting for the cluster to grow (ray.wait_for_resources_s=%g): %s",
                            cfg.ray.wait_for_resources_s, why)

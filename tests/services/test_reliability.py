@@ -133,7 +133,7 @@ def test_a_cluster_too_small_fails_fast_naming_the_shortfall(tmp_path, model_dir
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode != 0 and time.monotonic() - start < 60
+    assert proc.returncode == 2 and time.monotonic() - start < 60
     err = proc.stderr
     assert "cannot hold the job" in err and "Generator replica 0: 1 CPU" in err and "LearnerRank 0: 1 CPU" in err
     assert "node 0: 1 CPU" in err
