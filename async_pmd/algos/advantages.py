@@ -159,6 +159,15 @@ def loo_log_mean_exp_baseline(scores: torch.Tensor, gid: torch.Tensor, num_group
 # ----------------------------------------------------------------------------- estimators
 
 
+def _against_baseline(baseline_fn, token_level_rewards, response_mask, index, config):
+    """A_i = r_i − baseline_fn(scores, group id, groups, τ)_i, on every response token."""
+    scores = sequence_scores(token_level_rewards)
+    gid, g = group_ids(index, scores.device)
+    adv = broadcast_to_tokens(scores - baseline_fn(scores, gid, g, partition_tau(config)), response_mask,
+                              token_level_rewards)
+    return adv, adv
+
+
 @register_adv_est("ploo")
 def compute_ploo_advantage(token_level_rewards, response_mask, index, config: AlgorithmConfig | None = None):
     """PMD-partition, the seed's code: A_i = r_i − b_i with `seed_loo_baseline`; a group of one has b = 0.
@@ -167,11 +176,7 @@ def compute_ploo_advantage(token_level_rewards, response_mask, index, config: Al
     clamp caps the winner's advantage at 18.42τ: one correct answer of 8 binary rewards at τ = 0.01
     gets A = 0.1842, not the exact 1.0 of `ploo_exact`.
     """
-    scores = sequence_scores(token_level_rewards)
-    gid, g = group_ids(index, scores.device)
-    baseline = seed_loo_baseline(scores, gid, g, partition_tau(config))
-    adv = broadcast_to_tokens(scores - baseline, response_mask, token_level_rewards)
-    return adv, adv
+    return _against_baseline(seed_loo_baseline, token_level_rewards, response_mask, index, config)
 
 
 @register_adv_est("ploo_exact")
@@ -182,21 +187,13 @@ def compute_ploo_exact_advantage(token_level_rewards, response_mask, index, conf
     τ = 0.01 a lone winner gets A = 1.0 here and 0.1842 there; with continuous rewards, whenever
     the top score leads the runner-up by about 18τ or more. Every other row agrees to rounding.
     """
-    scores = sequence_scores(token_level_rewards)
-    gid, g = group_ids(index, scores.device)
-    baseline = loo_log_mean_exp_baseline(scores, gid, g, partition_tau(config))
-    adv = broadcast_to_tokens(scores - baseline, response_mask, token_level_rewards)
-    return adv, adv
+    return _against_baseline(loo_log_mean_exp_baseline, token_level_rewards, response_mask, index, config)
 
 
 @register_adv_est("partition")
 def compute_partition_advantage(token_level_rewards, response_mask, index, config: AlgorithmConfig | None = None):
     """All-in partition baseline: A_i = r_i − τ·log mean_j exp(r_j/τ) (a group of one gets 0)."""
-    scores = sequence_scores(token_level_rewards)
-    gid, g = group_ids(index, scores.device)
-    baseline = log_mean_exp_baseline(scores, gid, g, partition_tau(config))
-    adv = broadcast_to_tokens(scores - baseline, response_mask, token_level_rewards)
-    return adv, adv
+    return _against_baseline(log_mean_exp_baseline, token_level_rewards, response_mask, index, config)
 
 
 @register_adv_est("rloo")
