@@ -274,9 +274,15 @@ def test_offload_keys_are_checked_against_the_zero_stage():
 # ---------------------------------------------------------------- DeepSpeed (one rank, in process)
 
 
-@pytest.mark.parametrize("loss_mode,mode", [("opmd", "seq-mean-token-mean"), ("vanilla", "token-mean")])
-def test_micro_batches_match_one_big_batch_under_zero2(tiny_path, ds_env, loss_mode, mode):
-    """Two mini-batches (2 groups, then 1) × 2 epochs, KL and entropy terms on: micro-batches of 1
+@pytest.mark.parametrize("stage,loss_mode,mode", [
+    (2, "opmd", "seq-mean-token-mean"), (2, "vanilla", "token-mean"),
+    pytest.param(0, "vanilla", "token-mean", marks=pytest.mark.slow),
+    pytest.param(1, "opmd", "seq-mean-token-mean", marks=pytest.mark.slow),
+    pytest.param(3, "vanilla", "seq-mean-token-sum", marks=pytest.mark.slow),
+])
+def test_micro_batches_match_one_big_batch_under_zero(tiny_path, ds_env, stage, loss_mode, mode):
+    """ZeRO-2 (and 0, 1, 3 on one rank). Two mini-batches (2 groups, then 1) × 2 epochs, KL and
+    entropy terms on: micro-batches of 1
     row, or of a 16-token budget, take the same 4 optimizer steps as the whole mini-batch: the
     gradient DeepSpeed hands the optimizer at the first step equal to float rounding, grad norms
     and exact loss terms averaged over the steps equal, parameters after equal to 1e-4."""
@@ -288,10 +294,10 @@ def test_micro_batches_match_one_big_batch_under_zero2(tiny_path, ds_env, loss_m
     for name, extra in {"whole": {}, "count": {"ppo_micro_batch_size_per_gpu": 1},
                         "tokens": {"use_dynamic_bsz": True, "ppo_max_token_len_per_gpu": 16}}.items():
         actor = actor_config(**base, **extra)
-        engine = engine_for(tiny_path, actor)
+        engine = engine_for(tiny_path, actor, LearnerConfig(zero_stage=stage))
         grads = record_step_grads(engine)
         metrics = train_on_batch(engine, batch, actor, 0, 1, reference=reference)
-        results[name] = (metrics, full_state_dict(engine, 2), grads)
+        results[name] = (metrics, full_state_dict(engine, stage), grads)
         engine.destroy()
     whole, whole_state, whole_grads = results["whole"]
     assert whole["actor/num_optimizer_steps"] == 4.0 and whole["actor/num_micro_batches"] == 4.0
@@ -340,23 +346,24 @@ def test_kl_loss_zero_at_first_step_then_positive_and_reference_stays_initial(ti
     resumed.destroy()
 
 
-def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_path, ds_env):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_path, ds_env, stage):
     """With model.gradient_checkpointing each decoder layer's attention runs twice per training
     forward/backward (forward, then the recompute) and once without; the loss, grad norm and
-    updated parameters are the same (to float tolerance)."""
+    updated parameters are the same (to float tolerance), under ZeRO-2 and ZeRO-3."""
     batch = ragged_batch(load_model(tiny_path))
     actor = actor_config()
     out = {}
     for checkpointing in (False, True):
-        engine = engine_for(tiny_path, actor, model_cfg=ModelConfig(path=str(tiny_path),
-                                                                    gradient_checkpointing=checkpointing))
+        engine = engine_for(tiny_path, actor, LearnerConfig(zero_stage=stage),
+                            ModelConfig(path=str(tiny_path), gradient_checkpointing=checkpointing))
         calls = []
         layer = engine.module.model.layers[0]
         handle = layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
         metrics = train_on_batch(engine, batch, actor, 0, 1)
         handle.remove()
         assert not layer.self_attn.training  # dropout stays off either way
-        out[checkpointing] = (metrics, full_state_dict(engine, 2), len(calls))
+        out[checkpointing] = (metrics, full_state_dict(engine, stage), len(calls))
         engine.destroy()
     (plain, plain_state, plain_calls), (ckpt, ckpt_state, ckpt_calls) = out[False], out[True]
     assert (plain_calls, ckpt_calls) == (1, 2)
