@@ -287,8 +287,8 @@ def test_micro_batches_match_one_big_batch_under_zero(tiny_path, ds_env, stage, 
     gradient DeepSpeed hands the optimizer at the first step equal to float rounding, grad norms
     and exact loss terms averaged over the steps equal, parameters after equal to 1e-4."""
     batch = ragged_batch(load_model(tiny_path), learner_step=3)
-    base = dict(loss_mode=loss_mode, loss_agg_mode=mode, ppo_mini_batch_size=2, ppo_epochs=2,
-                use_kl_loss=True, kl_loss_coef=0.5, entropy_coeff=0.01)
+    base = {"loss_mode": loss_mode, "loss_agg_mode": mode, "ppo_mini_batch_size": 2, "ppo_epochs": 2,
+            "use_kl_loss": True, "kl_loss_coef": 0.5, "entropy_coeff": 0.01}
     reference = load_model(tiny_path)
     results = {}
     for name, extra in {"whole": {}, "count": {"ppo_micro_batch_size_per_gpu": 1},
@@ -359,7 +359,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_path, 
                             ModelConfig(path=str(tiny_path), gradient_checkpointing=checkpointing))
         calls = []
         layer = engine.module.model.layers[0]
-        handle = layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
+        handle = layer.self_attn.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         metrics = train_on_batch(engine, batch, actor, 0, 1)
         handle.remove()
         assert not layer.self_attn.training  # dropout stays off either way
