@@ -77,7 +77,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype for generation and training."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the learner's backward instead of keeping them (less memory, more compute)."""
+    """Recompute each decoder layer's activations in the learner's backward (less memory, ~1/3 more compute)."""
 
 
 class DataConfig(Section):
@@ -256,20 +256,20 @@ class ActorConfig(Section):
     ppo_mini_batch_size: int | None = Field(None, ge=1)
     """Prompts per optimizer step; None = the whole train batch (one step per batch)."""
     ppo_epochs: int = Field(1, ge=1)
+    ppo_micro_batch_size_per_gpu: int | None = Field(None, ge=1)
+    """Sequences per forward/backward on one rank; gradients accumulate to one step per mini-batch (None = all)."""
+    use_dynamic_bsz: bool = False
+    """Cut each rank's mini-batch by `ppo_max_token_len_per_gpu` instead of `ppo_micro_batch_size_per_gpu`."""
+    ppo_max_token_len_per_gpu: int = Field(16384, ge=1)
+    """Tokens per micro-batch with `use_dynamic_bsz`: rows × (longest prompt + longest response) at most."""
+    entropy_coeff: float = Field(0.0, ge=0)
+    """Entropy bonus: the loss subtracts this × the entropy of π_θ, aggregated by `loss_agg_mode` (nats, as verl)."""
     recompute_old_log_prob: bool = False
     """Recompute π_old on the learner instead of the generator's sampling log-probs (bypass mode)."""
-    ppo_micro_batch_size_per_gpu: int | None = Field(None, ge=1)
-    """Sequences per micro-batch on each rank (gradients accumulate to the mini-batch); None = the whole mini-batch."""
-    use_dynamic_bsz: bool = False
-    """Micro-batches by token budget (`ppo_max_token_len_per_gpu`) instead of by count."""
-    ppo_max_token_len_per_gpu: int = Field(16384, ge=1)
-    """Prompt + response tokens of one micro-batch at most, with `use_dynamic_bsz`."""
-    entropy_coeff: float = Field(0.0, ge=0)
-    """Weight of the token-mean entropy bonus subtracted from the loss (0 = off)."""
     reset_optimizer_states_freq: int = Field(0, ge=0)
     """Reset optimizer state every k learner steps (0 = never)."""
     use_kl_loss: bool = False
-    """Add `kl_loss_coef` × KL(π_θ ‖ π_ref) to the loss (needs reference log-probs)."""
+    """Add `kl_loss_coef` × KL(π_θ ‖ π_ref) to the loss; π_ref = the initial weights at `model.path`, frozen."""
     kl_loss_coef: float = Field(0.001, ge=0)
     """Weight of the KL-loss term (dimensionless)."""
     kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3",
@@ -287,12 +287,22 @@ class LearnerConfig(Section):
     num_cpus_per_rank: float = Field(1.0, gt=0)
     num_gpus_per_rank: float = Field(0.0, ge=0)
     zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    """Hold the fp32 master weights and Adam state in host memory and step there (ZeRO-Offload; stage 1-3)."""
+    offload_param: bool = False
+    """Keep the parameters in host memory between uses (ZeRO-Infinity; zero_stage 3 only)."""
     master_port: int | None = Field(None, ge=1024, le=65535)
     """Rendezvous port of the process group; None = a free port."""
-    offload_optimizer: bool = False
-    """ZeRO offload of the optimizer state (and gradients) to CPU memory."""
-    offload_param: bool = False
-    """ZeRO-3 offload of the parameters to CPU memory (zero_stage 3 only)."""
+
+    @model_validator(mode="after")
+    def _offload_stage(self):
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"learner.offload_param needs learner.zero_stage 3 (got {self.zero_stage}): "
+                             "only ZeRO-3 partitions the parameters; set learner.zero_stage=3 or learner.offload_param=false")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("learner.offload_optimizer needs learner.zero_stage 1, 2 or 3 (got 0): ZeRO-0 has no "
+                             "partitioned optimizer to offload; raise learner.zero_stage or set learner.offload_optimizer=false")
+        return self
 
 
 class BufferConfig(Section):

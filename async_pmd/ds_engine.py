@@ -1,5 +1,6 @@
-"""DeepSpeed plumbing of one learner rank: the process env, the engine and its lr schedule, full
-weights out, optimizer reset, checkpoints and export. Pure torch + DeepSpeed; the PMD update that
+"""DeepSpeed plumbing of one learner rank: the process env, the policy and reference models, the
+engine and its lr schedule (ZeRO stage, CPU offload), full weights out, optimizer reset,
+checkpoints and export. Pure torch + DeepSpeed; the PMD update that
 runs on the engine is `async_pmd.pmd_step`, and `services/learner.py` wraps both in Ray actors.
 
 Collectives: `init_engine`, `full_state_dict` (ZeRO-3), `save_checkpoint`, `load_checkpoint` and
@@ -24,7 +25,7 @@ import torch
 from async_pmd.models import to_torch_dtype
 
 if TYPE_CHECKING:
-    from async_pmd.config import ActorConfig, LearnerConfig
+    from async_pmd.config import ActorConfig, LearnerConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ def _chosen_accelerator() -> str | None:
 def ds_config(
     actor: ActorConfig, learner: LearnerConfig, world_size: int, dtype: str | torch.dtype = "float32"
 ) -> dict[str, Any]:
-    """The DeepSpeed config: one micro-batch per step (the learner sizes its own mini-batches)."""
+    """The DeepSpeed config: one micro-batch per step as DeepSpeed counts them; `pmd_step` cuts its
+    own mini- and micro-batches and marks the accumulation boundary itself
+    (`engine.set_gradient_accumulation_boundary`), so gradient_accumulation_steps stays 1."""
     dtype = to_torch_dtype(dtype)
     if dtype == torch.float16:
         raise ValueError("the learner trains in float32 or bfloat16; float16 needs loss scaling: set model.dtype")
@@ -90,14 +93,27 @@ def ds_config(
         # DeepSpeed checks micro × accumulation × ranks == this, catching a wrong WORLD_SIZE.
         "train_batch_size": world_size,
         "gradient_clipping": actor.grad_clip,
-        "zero_optimization": {"stage": learner.zero_stage},
+        "zero_optimization": _zero_section(learner),
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": False},
         # A client torch.optim.AdamW needs no op compile; DeepSpeed only "tests" its own optimizers.
         "zero_allow_untested_optimizer": True,
+        # ... and with offload it also steps the offloaded fp32 weights on the host. DeepSpeedCPUAdam
+        # would be several times faster there but compiles an op on first use (~100 s on 2 cores).
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": STEPS_PER_PRINT_OFF,
         "wall_clock_breakdown": False,
     }
+
+
+def _zero_section(learner: LearnerConfig) -> dict[str, Any]:
+    # LearnerConfig has checked the stages: optimizer offload from ZeRO-1, parameter offload at ZeRO-3.
+    section: dict[str, Any] = {"stage": learner.zero_stage}
+    if learner.offload_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": _chosen_accelerator() == "cuda"}
+    if learner.offload_param:
+        section["offload_param"] = {"device": "cpu", "pin_memory": _chosen_accelerator() == "cuda"}
+    return section
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
@@ -117,6 +133,45 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def load_policy(model_cfg: ModelConfig) -> torch.nn.Module:
+    """The policy a rank trains, from `model.path`, with `model.gradient_checkpointing` applied."""
+    from async_pmd.models import load_model
+
+    model = load_model(model_cfg.path, dtype=model_cfg.dtype)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def load_reference(model_cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """π_ref of `actor.use_kl_loss`: the initial weights at `model.path`, frozen (eval, no grad).
+
+    A plain module on this rank, outside DeepSpeed, so a resumed policy never changes it and
+    ZeRO-3 does not shard it: it costs one full copy of the weights in `model.dtype` per rank.
+    """
+    from async_pmd.models import load_model
+
+    return load_model(model_cfg.path, dtype=model_cfg.dtype).to(device).eval().requires_grad_(False)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations (no KV cache)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.config.use_cache = False
+
+
+def _checkpointed_layers_train(model: torch.nn.Module) -> None:
+    # transformers checkpoints a layer only while `layer.training`; the learner keeps the model in
+    # eval mode (no dropout), so set the flag on the checkpointed layers alone: their submodules
+    # (attention dropout) stay in eval mode.
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
+
+
 def init_engine(
     model: torch.nn.Module,
     actor: ActorConfig,
@@ -132,7 +187,9 @@ def init_engine(
     `total_steps` counts optimizer steps (learner steps × mini-batches × epochs), the unit the
     schedule steps in. `config_overrides` is merged into `ds_config` one level deep (e.g.
     `{"zero_optimization": {"offload_optimizer": {...}}}`). The model is put in eval mode:
-    dropout would make π_θ differ from the generator's π_old even at θ = θ_old. `init_method`
+    dropout would make π_θ differ from the generator's π_old even at θ = θ_old (layers under
+    gradient checkpointing get their own `training` flag, which transformers requires to
+    checkpoint). `init_method`
     None joins through MASTER_ADDR:MASTER_PORT (a TCPStore, which torch binds to every interface);
     `file://<path>` through a file, for ranks that share one machine.
     """
@@ -152,8 +209,10 @@ def init_engine(
     def schedule(step: int) -> float:
         return lr_factor(step, actor.lr_warmup_steps, total_steps, actor.lr_scheduler)
 
+    model.eval()
+    _checkpointed_layers_train(model)
     engine, *_ = deepspeed.initialize(
-        model=model.eval(),
+        model=model,
         optimizer=optimizer,
         config=config,
         # A callable: DeepSpeed builds it on the client optimizer, whose param_groups ZeRO shares.

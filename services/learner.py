@@ -1,6 +1,8 @@
 """Learner: DeepSpeed ranks as Ray actors in one placement group, applying the PMD update.
 
-`LearnerRank` is one data-parallel rank (ZeRO stage from config; gloo on CPU, NCCL on GPU). It
+`LearnerRank` is one data-parallel rank (ZeRO stage and CPU offload from config; gloo on CPU, NCCL
+on GPU); with `actor.use_kl_loss` it also holds the frozen reference policy, loaded from
+`model.path` at construction, so a resumed run compares against the initial weights. It
 takes `TrainBatch` bytes (the same object ref for every rank; each trains on its share of rows),
 and on request gathers the full weights and, on rank 0, publishes them to the WeightStore as a
 `NamedTensors` message. `LearnerGroup` owns the fan-out: every collective call is sent to all
@@ -33,7 +35,8 @@ class LearnerDied(RuntimeError):
 
 @ray.remote(max_restarts=0)
 class LearnerRank:
-    """Owns one DeepSpeed engine (model + optimizer shard) and the step counter it has applied."""
+    """Owns one DeepSpeed engine (model + optimizer shard), the reference policy of the KL loss (or
+    None), and the step counter it has applied."""
 
     def __init__(self, *, actor: ActorConfig, learner: LearnerConfig, model: ModelConfig, rank: int,
                  world_size: int, master_addr: str, master_port: int, total_optimizer_steps: int, temperature: float,
@@ -47,13 +50,13 @@ class LearnerRank:
                                       master_addr=master_addr)
         import torch
 
-        from async_pmd.models import load_model
-
         torch.set_num_threads(max(1, int(learner.num_cpus_per_rank)))
         torch.manual_seed(seed)
-        self._engine = ds_engine.init_engine(load_model(model.path, dtype=model.dtype), actor, learner, world_size,
+        self._engine = ds_engine.init_engine(ds_engine.load_policy(model), actor, learner, world_size,
                                              model.dtype, total_optimizer_steps,
                                              init_method=rendezvous_file and f"file://{rendezvous_file}")
+        # Always the weights at model.path: `load` restores the policy only, never this.
+        self._reference = ds_engine.load_reference(model, self._engine.device) if actor.use_kl_loss else None
         self._store = ray.get_actor(names.WEIGHT_STORE, namespace=namespace)
         self._optimizer_resets = 0
         self._refused = 0  # TrainBatch messages refused as malformed wire bytes
@@ -69,7 +72,8 @@ class LearnerRank:
             logger.warning("rank %d refused a train batch: %s", self._rank, exc)
             raise
         metrics = pmd_step.train_on_batch(self._engine, batch, self._actor, self._rank, self._world_size,
-                                          temperature=self._temperature, max_response_length=self._max_response_length)
+                                          temperature=self._temperature, max_response_length=self._max_response_length,
+                                          reference=self._reference)
         freq = self._actor.reset_optimizer_states_freq
         if freq and (batch.learner_step + 1) % freq == 0:
             ds_engine.reset_optimizer_state(self._engine)

@@ -85,6 +85,32 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     return (row_sums * nonempty).sum() / nonempty.sum().clamp(min=1)
 
 
+ROW_MEAN_LOSSES = ("opmd",)
+"""Policy losses that average over every row of the batch (empty rows included) instead of `agg_loss`."""
+
+
+def micro_batch_share(loss_agg_mode: str, micro_mask: torch.Tensor, whole_mask: torch.Tensor,
+                      row_mean: bool = False) -> float:
+    """w_i with Σ_i w_i · agg(micro-batch i) = agg(whole batch), for micro-batches that partition the rows.
+
+    The mask arguments are response masks [b,T], [B,T] (widths may differ). `agg_loss`'s modes:
+    token-mean t_i/t (response tokens); seq-mean-token-sum and seq-mean-token-mean n_i/n (non-empty
+    rows, the rows its seq-mean counts); seq-mean-token-sum-norm 1 (a sum over rows, with the same
+    L_max for every micro-batch). `row_mean` (the losses in `ROW_MEAN_LOSSES`): b/B, every row.
+    0 when the whole batch has none of what the mode counts (its loss is then 0 as well).
+    """
+    check_loss_agg_mode(loss_agg_mode)
+    if row_mean:
+        return micro_mask.shape[0] / max(whole_mask.shape[0], 1)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return 1.0
+    if loss_agg_mode == "token-mean":
+        part, whole = float(micro_mask.sum()), float(whole_mask.sum())
+    else:
+        part, whole = float((micro_mask.sum(-1) > 0).sum()), float((whole_mask.sum(-1) > 0).sum())
+    return part / whole if whole > 0 else 0.0
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     # bf16 log-probs lose the small differences the loss is made of; never go below float32.
     return torch.promote_types(t.dtype, torch.float32)

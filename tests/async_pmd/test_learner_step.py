@@ -345,6 +345,29 @@ ZERO3_RANK = textwrap.dedent(
         assert all(torch.equal(restored[n], trained[n]) for n in trained)
         reloaded = dict(load_model(exported).named_parameters())
         assert all(torch.equal(reloaded[n].detach(), trained[n]) for n in trained)
+
+    # Micro-batches under ZeRO-3: rank 0 cuts rows 0, 2 into two micro-batches, rank 1 runs row 1
+    # and a dummy; the accumulated step equals the whole mini-batch's (KL and entropy terms on).
+    options = dict(lr=1e-2, use_kl_loss=True, kl_loss_coef=0.5, entropy_coeff=0.01)
+    reference = load_model(model_path).requires_grad_(False)
+    runs = {}
+    for name, extra in {"whole": {}, "count": {"ppo_micro_batch_size_per_gpu": 1},
+                        "tokens": {"use_dynamic_bsz": True, "ppo_max_token_len_per_gpu": 8}}.items():
+        run_actor = ActorConfig(**options, **extra)
+        eng = ds_engine.init_engine(load_model(model_path), run_actor, LearnerConfig(zero_stage=3), 2, total_steps=10)
+        run_metrics = pmd_step.train_on_batch(eng, batch, run_actor, rank, 2, reference=reference)
+        runs[name] = (run_metrics, ds_engine.full_state_dict(eng, 3))
+        eng.destroy()
+    assert runs["whole"][0]["actor/num_micro_batches"] == 1.0
+    for name in ("count", "tokens"):
+        run_metrics, state = runs[name]
+        assert run_metrics["actor/num_micro_batches"] == 2.0, name
+        for key in ("actor/grad_norm", "actor/loss", "actor/kl_loss", "actor/entropy_loss"):
+            want = runs["whole"][0][key]
+            assert abs(run_metrics[key] - want) <= 1e-4 * abs(want) + 1e-7, (name, key, run_metrics[key], want)
+        if rank == 0:
+            for n, t in state.items():
+                assert torch.allclose(t, runs["whole"][1][n], atol=1e-4, rtol=0), (name, n)
     print(json.dumps({"rank": rank, "init_s": init_s, "metrics": metrics}))
     """
 )
@@ -353,7 +376,8 @@ ZERO3_RANK = textwrap.dedent(
 def test_zero3_two_ranks_gather_train_reset_checkpoint_export(tiny_path, tmp_path):
     """Under real ZeRO-3 partitioning over 2 ranks: rank 0 gathers full, correct tensors by the
     model's own names; training (with a rank that has a dummy mini-batch), reset, checkpoint
-    round-trip and HF export all complete with matched collectives."""
+    round-trip and HF export all complete with matched collectives; micro-batches by count and
+    by token budget (a rank padded with a dummy micro-batch) give the whole mini-batch's step."""
     port = find_free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
