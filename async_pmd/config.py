@@ -293,6 +293,8 @@ class LearnerConfig(Section):
     """Keep the parameters in host memory between uses (ZeRO-Infinity; zero_stage 3 only)."""
     master_port: int | None = Field(None, ge=1024, le=65535)
     """Rendezvous port of the process group; None = a free port."""
+    collective_timeout_s: float = Field(1800.0, gt=0)
+    """How long a collective (gradient all-reduce, ZeRO-3 gather) may wait for a rank, in seconds."""
 
     @model_validator(mode="after")
     def _offload_stage(self):

@@ -12,6 +12,7 @@ import, from `DS_ACCELERATOR` (on a GPU host a CPU actor would otherwise pick CU
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -196,10 +197,11 @@ def init_engine(
     import deepspeed
 
     backend = "nccl" if _chosen_accelerator() == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=learner.collective_timeout_s)
     if init_method is None:
-        deepspeed.init_distributed(dist_backend=backend)  # no-op if this process already joined
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # no-op if this process already joined
     else:  # a file rendezvous needs the rank and world size spelled out
-        deepspeed.init_distributed(dist_backend=backend, init_method=init_method,
+        deepspeed.init_distributed(dist_backend=backend, init_method=init_method, timeout=timeout,
                                    rank=int(os.environ["RANK"]), world_size=world_size)
     config = _merge(ds_config(actor, learner, world_size, dtype), config_overrides or {})
     optimizer = torch.optim.AdamW(

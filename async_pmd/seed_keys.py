@@ -101,7 +101,7 @@ SEED_KEYS: dict[str, Map | NoOp | Refuse] = {
     "actor_rollout_ref.model.path": Map("model.path"),
     "actor_rollout_ref.model.enable_gradient_checkpointing": Map("model.gradient_checkpointing"),
     "actor_rollout_ref.model.use_remove_padding": NoOp("the learner packs nothing: padding is masked, results are the same"),
-    "actor_rollout_ref.nccl_timeout": NoOp("collectives use DeepSpeed's default timeout (30 min)"),
+    "actor_rollout_ref.nccl_timeout": Map("learner.collective_timeout_s"),
     # actor (learner)
     "actor_rollout_ref.actor.optim.lr": Map("actor.lr"),
     "actor_rollout_ref.actor.optim.weight_decay": Map("actor.weight_decay"),

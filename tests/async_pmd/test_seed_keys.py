@@ -18,7 +18,7 @@ SCRIPTS = REPO / "tests" / "data" / "seed_scripts"
 
 NOOPS_7B = [
     "algorithm.gamma", "algorithm.lam", "algorithm.use_kl_in_reward", "data.return_raw_chat",
-    "actor_rollout_ref.model.use_remove_padding", "actor_rollout_ref.nccl_timeout",
+    "actor_rollout_ref.model.use_remove_padding",
     "actor_rollout_ref.actor.fsdp_config.fsdp_size", "actor_rollout_ref.actor.ppo_infer_max_token_len_per_gpu",
     "actor_rollout_ref.actor.policy_loss.pmd_alpha", "actor_rollout_ref.rollout.load_format",
     "actor_rollout_ref.rollout.mode", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
@@ -56,7 +56,7 @@ def test_the_seed_scripts_resolve_to_the_seeds_values(script):
     assert cfg["actor"]["use_dynamic_bsz"] and cfg["actor"]["ppo_max_token_len_per_gpu"] == 20480
     assert cfg["model"]["gradient_checkpointing"] and cfg["learner"]["offload_optimizer"]
     assert cfg["learner"]["offload_param"] and cfg["learner"]["zero_stage"] == 3
-    assert cfg["trainer"]["logger"] == ["console", "wandb"]
+    assert cfg["trainer"]["logger"] == ["console", "wandb"] and cfg["learner"]["collective_timeout_s"] == 3600
     assert cfg["actor"]["kl_loss_type"] == "low_var_kl" and not cfg["actor"]["use_kl_loss"]
     if script == "qwen25-7b":
         assert warnings[:-1] == NOOPS_7B  # exactly these, in the script's order
