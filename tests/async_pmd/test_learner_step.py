@@ -10,6 +10,7 @@ ZeRO-3 runs as two real ranks in subprocesses.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -247,6 +248,25 @@ def test_recompute_old_log_prob_gives_zero_kl_on_first_step(engine, pos_neg_batc
     metrics = train_on_batch(engine, pos_neg_batch, actor_config(recompute_old_log_prob=True), 0, 1)
     assert metrics["actor/pmd_kl"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["actor/num_optimizer_steps"] == 1.0
+
+
+def test_every_step_reports_the_engine_learner_mismatch(engine, pos_neg_batch):
+    """The engine's log-probs set to the learner's + 0.3 nats per token: with π_old recomputed on
+    the learner, rollout_corr/log_ratio_mean is −0.3 (learner minus engine) and the max |ratio|
+    0.3, reported with or without the correction. The opmd loss at the first mini-batch (s = 0,
+    τ 1, A = ±1, lengths 3, 2, 2, 3) is mean_i ½/L_i = (1/6 + 1/4 + 1/4 + 1/6)/4 = 0.208333; with
+    `rollout_is: token` each row's loss is scaled by its truncated weight exp(−0.3)."""
+    mask = np.array(pos_neg_batch.response_mask)
+    prompts = [list(p[p != PAD]) for p in np.array(pos_neg_batch.prompts)]
+    responses = [list(r[m > 0]) for r, m in zip(np.array(pos_neg_batch.responses), mask)]
+    by_hand = (1 / 6 + 1 / 4 + 1 / 4 + 1 / 6) / 4
+    for extra, factor in (({}, 1.0), ({"rollout_is": "token", "rollout_is_threshold": 2.0}, math.exp(-0.3))):
+        engine_lp = (batch_log_probs(engine, pos_neg_batch).detach().numpy() + 0.3) * mask  # at today's weights
+        shifted = make_batch(prompts, responses, pos_neg_batch.uids, [1.0, -1.0, 1.0, -1.0], old_log_probs=engine_lp)
+        metrics = train_on_batch(engine, shifted, actor_config(recompute_old_log_prob=True, **extra), 0, 1)
+        assert metrics["rollout_corr/log_ratio_mean"] == pytest.approx(-0.3, abs=1e-4)
+        assert metrics["rollout_corr/log_ratio_abs_max"] == pytest.approx(0.3, abs=1e-4)
+        assert metrics["actor/loss"] == pytest.approx(by_hand * factor, rel=1e-4)
 
 
 def test_full_state_dict_is_a_detached_copy_of_the_model_params(engine, tiny_path):
