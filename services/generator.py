@@ -45,7 +45,7 @@ class Generator:
         if self._cfg.engine == "torch":
             engine_kwargs["num_threads"] = max(1, int(self._cfg.num_cpus))
         else:
-            engine_kwargs.update(self._cfg.sglang.model_dump())
+            engine_kwargs.update(getattr(self._cfg, self._cfg.engine).model_dump())  # sglang | vllm section
         self._engine = create_engine(self._cfg.engine, model_path, tokenizer=self._tokenizer, **engine_kwargs)
         self._store = ray.get_actor(STORE_NAME, namespace=namespace)
         # One batch on the engine at a time, and weight loads only between batches.

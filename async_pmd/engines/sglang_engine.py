@@ -21,11 +21,14 @@ Differences from the torch engine worth knowing:
   lock), so every response comes from one weight version. `pause(mode="abort")`, the default,
   returns in-flight requests at once with finish_reason "abort" (the caller retries them);
   "retract" / "in_place" keep them, and they then finish on the new weights.
-- SGLang's engine lives on the event loop that was current when it was built (`Engine.loop`; in a
-  Serve replica, the replica's loop). Sync methods run their coroutine on that loop: directly when
-  it is idle, thread-safely when it runs in another thread (`asyncio.to_thread(engine.generate,
-  ...)` works); called on the loop's own thread they raise instead of deadlocking: there, use
-  `async_generate` or `to_thread`.
+- SGLang's engine lives on the event loop that was current when it was built (`Engine.loop`).
+  Its tokenizer manager receives results only while that loop runs, so when it was built outside
+  a running loop (a script, a sync Serve `__init__`) the adapter runs it in a thread of its own:
+  then any thread may call any method, and a `pause` issued while another thread waits on a batch
+  reaches a live loop. Built inside a running loop, the loop stays the caller's: sync methods
+  called from another thread reach it thread-safely (`asyncio.to_thread(engine.generate, ...)`
+  works); called on the loop's own thread they raise instead of deadlocking: there, use
+  `async_generate`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -198,6 +202,11 @@ class SGLangEngine:
             enable_deterministic_inference=self._deterministic,
             **kwargs,
         )
+        self._loop_thread: threading.Thread | None = None
+        if not self._engine.loop.is_running():
+            self._loop_thread = threading.Thread(target=self._engine.loop.run_forever, name="sglang-engine-loop",
+                                                 daemon=True)
+            self._loop_thread.start()
 
     @property
     def version(self) -> int:
@@ -215,7 +224,11 @@ class SGLangEngine:
         """`generate` for callers inside an event loop (an async Serve replica)."""
         input_ids, sampling = self._prepare(prompt_ids, params)
         version = self._version
-        outputs = await self._engine.async_generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        request = self._engine.async_generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        if asyncio.get_running_loop() is self._engine.loop:
+            outputs = await request
+        else:  # another loop (a Serve replica's) awaits the engine's
+            outputs = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(request, self._engine.loop))
         return group_outputs(outputs, params.n, version)
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> None:
@@ -305,6 +318,9 @@ class SGLangEngine:
 
     def shutdown(self) -> None:
         self._engine.shutdown()
+        if self._loop_thread is not None:
+            self._engine.loop.call_soon_threadsafe(self._engine.loop.stop)
+            self._loop_thread.join(timeout=10)
 
     # ------------------------------------------------------------ helpers
 
