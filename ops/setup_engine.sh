@@ -17,9 +17,13 @@ pipi() { "$V/bin/pip" install -q -c "$C" "$@"; }
 site=$("$V/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 deepspeed_with_shm_op() {  # as ops/setup.sh: the CPU comm op prebuilt, so a learner starts fast
-  if ! "$V/bin/python" -c "import deepspeed.ops.op_builder" 2>/dev/null || \
+  # Built against this venv's torch: pip's wheel cache would hand back a DeepSpeed built for
+  # another venv's torch, which then refuses to load its ops ("PyTorch version mismatch").
+  if ! "$V/bin/python" -c "import torch, deepspeed.git_version_info as g, sys
+sys.exit(g.torch_info['version'] != '.'.join(torch.__version__.split('.')[:2]))" 2>/dev/null || \
      ! ls "$site"/deepspeed/ops/comm/deepspeed_shm_comm_op*.so >/dev/null 2>&1; then
-    DS_ACCELERATOR=cpu DS_BUILD_SHM_COMM=1 pipi --no-build-isolation --no-binary deepspeed deepspeed
+    "$V/bin/pip" uninstall -q -y deepspeed 2>/dev/null || true
+    DS_ACCELERATOR=cpu DS_BUILD_SHM_COMM=1 pipi --no-cache-dir --no-build-isolation --no-binary deepspeed deepspeed
   fi
 }
 
