@@ -21,14 +21,15 @@ Differences from the torch engine worth knowing:
   lock), so every response comes from one weight version. `pause(mode="abort")`, the default,
   returns in-flight requests at once with finish_reason "abort" (the caller retries them);
   "retract" / "in_place" keep them, and they then finish on the new weights.
-- SGLang's engine lives on the event loop that was current when it was built (`Engine.loop`).
-  Its tokenizer manager receives results only while that loop runs, so when it was built outside
-  a running loop (a script, a sync Serve `__init__`) the adapter runs it in a thread of its own:
-  then any thread may call any method, and a `pause` issued while another thread waits on a batch
-  reaches a live loop. Built inside a running loop, the loop stays the caller's: sync methods
-  called from another thread reach it thread-safely (`asyncio.to_thread(engine.generate, ...)`
-  works); called on the loop's own thread they raise instead of deadlocking: there, use
-  `async_generate`.
+- SGLang's engine lives on the event loop that is current when it is built (`Engine.loop`), and
+  its tokenizer manager receives results only while that loop runs. The adapter builds it in a
+  thread of its own, so that loop is a private one, and runs the loop in that thread: any thread
+  may then call any method (a `pause` while another thread waits on a batch reaches a live
+  loop), and a caller's own loop is never borrowed. (A Serve replica's sync `__init__` runs on
+  the replica's user-code loop: an engine built there would live on a loop blocked by that very
+  `__init__`, and the first weight load from it would deadlock.) `async_generate` awaits the
+  engine's loop from whichever loop it is called on; sync methods called on the engine's own
+  loop thread raise instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ class SGLangEngine:
                 "SGLang 0.5.23 cannot update weights from tensors with dp_size > 1; "
                 "scale with more generator replicas instead"
             )
+        kwargs = {**dict(extra or {}), **engine_kwargs}
+        device = kwargs.pop("device", device)  # also accepted inside `extra` (generator.sglang.extra)
         on_cpu = device == "cpu"
         if on_cpu:
             # Read once, at sglang's import (`srt/utils/common.py: is_cpu`), by this process and
@@ -189,10 +192,9 @@ class SGLangEngine:
         self._deterministic = (not on_cpu) if deterministic is None else bool(deterministic)
         self._warned_truncation = False
         self._warned_seed = False
-        kwargs = {**dict(extra or {}), **engine_kwargs}
         if device is not None:
             kwargs["device"] = device
-        self._engine = sglang.Engine(
+        engine_args = dict(
             model_path=str(self._model_path),
             skip_tokenizer_init=True,  # token ids in and out; no detokenizer work
             tp_size=tp_size,
@@ -202,11 +204,7 @@ class SGLangEngine:
             enable_deterministic_inference=self._deterministic,
             **kwargs,
         )
-        self._loop_thread: threading.Thread | None = None
-        if not self._engine.loop.is_running():
-            self._loop_thread = threading.Thread(target=self._engine.loop.run_forever, name="sglang-engine-loop",
-                                                 daemon=True)
-            self._loop_thread.start()
+        self._engine, self._loop_thread = _start_on_own_thread(lambda: sglang.Engine(**engine_args))
 
     @property
     def version(self) -> int:
@@ -318,9 +316,8 @@ class SGLangEngine:
 
     def shutdown(self) -> None:
         self._engine.shutdown()
-        if self._loop_thread is not None:
-            self._engine.loop.call_soon_threadsafe(self._engine.loop.stop)
-            self._loop_thread.join(timeout=10)
+        self._engine.loop.call_soon_threadsafe(self._engine.loop.stop)
+        self._loop_thread.join(timeout=10)
 
     # ------------------------------------------------------------ helpers
 
@@ -359,6 +356,36 @@ class SGLangEngine:
 
     def _run(self, coroutine):
         return run_on_loop(self._engine.loop, coroutine)
+
+
+def _start_on_own_thread(build):
+    """Run `build()` (→ an `sglang.Engine`) in a new thread with no event loop, then that engine's
+    loop forever in the same thread; returns (engine, thread), or raises what `build` raised.
+
+    One thread for both on purpose: SGLang's child processes die with the *thread* that started
+    them (PR_SET_PDEATHSIG follows the creating thread), so that thread must live as long as the
+    engine.
+    """
+    ready = threading.Event()
+    result: dict = {}
+
+    def target():
+        try:
+            engine = build()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = exc
+            ready.set()
+            return
+        result["engine"] = engine
+        ready.set()
+        engine.loop.run_forever()
+
+    thread = threading.Thread(target=target, name="sglang-engine-loop", daemon=True)
+    thread.start()
+    ready.wait()
+    if "error" in result:
+        raise result["error"]
+    return result["engine"], thread
 
 
 def run_on_loop(loop: asyncio.AbstractEventLoop, coroutine):

@@ -1,7 +1,7 @@
 """End-to-end learning with each inference engine, one run after another on this machine.
 
     python ops/bench/engines_e2e.py [--engines torch sglang vllm] [--steps 3000] [--minutes 9]
-        [--out runs/engines_e2e] [--publish DIR] [--report-only]
+        [--out runs/engines_e2e] [--publish DIR] [--report-only] [--venv ENGINE=PATH]
 
 Runs the whole system through the real CLI (`python -m async_pmd.launch`), each engine with its
 own venv and config: torch `.venv` + `configs/cluster.yaml`, SGLang `.venv-sglang` +
@@ -38,13 +38,13 @@ TINY_64 = "{hidden_size: 128, num_layers: 2, num_heads: 2, num_kv_heads: 2, inte
 WINDOW = 20
 
 
-def run(engine: str, out: Path, steps: int, minutes: float) -> None:
-    venv, config = RUNS[engine]
+def run(engine: str, out: Path, steps: int, minutes: float, venv: str | None = None) -> None:
+    venv, config = venv or RUNS[engine][0], RUNS[engine][1]
     run_dir = out / engine
     if (run_dir / "accounting.json").exists():
         return  # a finished run is never run again
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [str(REPO / venv / "bin" / "python"), "-m", "async_pmd.launch", str(REPO / config),
+    cmd = [str((REPO / venv).resolve() / "bin" / "python"), "-m", "async_pmd.launch", str(REPO / config),
            f"trainer.output_dir={out}", f"trainer.experiment_name={engine}", f"model.path={out / 'tiny64'}",
            f"model.tiny={TINY_64}", f"trainer.total_steps={steps}", f"trainer.total_minutes={minutes}",
            "trainer.save_freq=0", "checkpoint.export_hf=false", "metrics.enabled=false"]
@@ -116,11 +116,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "engines_e2e")
     parser.add_argument("--publish", type=Path, default=None, help="also copy the table and summary here")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--venv", action="append", default=[], metavar="ENGINE=PATH",
+                        help="another venv for an engine, e.g. torch=/path/to/.venv")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     if not args.report_only:
+        venvs = dict(item.split("=", 1) for item in args.venv)
         for engine in args.engines:
-            run(engine, out, args.steps, args.minutes)
+            run(engine, out, args.steps, args.minutes, venvs.get(engine))
     table = report([summarize(e, out) for e in args.engines if (out / e / "accounting.json").exists()], out)
     print(table)
     if args.publish:
