@@ -131,6 +131,8 @@ class VLLMEngine:
         on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
         # Both are read when the engine is built (vllm.envs); set before vllm is imported.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in-process: tensors, not pickles
+        # vLLM logs several INFO lines per weight reload, i.e. per learner step; keep warnings.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_space_gib:g}")
         try:
