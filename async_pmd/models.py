@@ -41,6 +41,25 @@ _SPEC_TO_CONFIG = {
     "tie_word_embeddings": "tie_word_embeddings",
 }
 
+# The tiny model for the real engines on CPU (`configs/cluster_vllm.yaml`, `cluster_sglang.yaml`):
+# head dim 128 / 2 = 64. The default's 64 / 4 = 16 has no kernel in vLLM's CPU attention
+# ("Unsupported CPU attention configuration: head_dim=16"); 64 is one it has.
+TINY_HEAD_DIM_64: dict[str, Any] = {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 256}
+
+
+def head_dim(hidden_size: int, num_heads: int, explicit: int | None = None) -> int:
+    """Attention head dimension of a Qwen2-style config (`head_dim` when it sets one)."""
+    return explicit if explicit else hidden_size // num_heads
+
+
+def model_head_dim(path: str | os.PathLike) -> int:
+    """Head dimension of the model saved at `path`, read from its config.json alone."""
+    import json
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    return head_dim(config["hidden_size"], config["num_attention_heads"], config.get("head_dim"))
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -9,17 +9,18 @@ being installed, the model directory existing, the learner fitting a private Ray
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 from async_pmd import algos
-from async_pmd.config import ClusterConfig, ConfigError
+from async_pmd.config import VLLM_CPU_HEAD_DIMS, ClusterConfig, ConfigError
+from async_pmd.engines import SGLANG_INSTALL_HINT, VLLM_INSTALL_HINT, engine_available
 
 
 def check_runnable(cfg: ClusterConfig) -> None:
     """Raise ConfigError naming every key that cannot run here."""
-    errors = [e for check in (_registered_names, _engine_installed, _model_present, _learner_fits_machine)
+    errors = [e for check in (_registered_names, _engine_installed, _engine_runs_model, _model_present,
+                              _learner_fits_machine)
               for e in check(cfg)]
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {key}: {msg}" for key, msg in errors))
@@ -37,9 +38,31 @@ def _registered_names(cfg: ClusterConfig):
 
 
 def _engine_installed(cfg: ClusterConfig):
-    if cfg.generator.engine == "sglang" and importlib.util.find_spec("sglang") is None:
-        yield "generator.engine", ("engine 'sglang' is not installed here; on a GPU machine run "
-                                   "`pip install 'async-pmd[sglang]'`, or set generator.engine=torch")
+    engine = cfg.generator.engine
+    if not engine_available(engine):
+        hint = SGLANG_INSTALL_HINT if engine == "sglang" else VLLM_INSTALL_HINT
+        yield "generator.engine", f"engine {engine!r} is not installed here: {hint}; or set generator.engine=torch"
+
+
+def _engine_runs_model(cfg: ClusterConfig):
+    # vLLM's CPU attention has kernels for some head dims only; the default tiny model's 16 is not
+    # one of them (it would fail minutes later, inside the replica).
+    g, m = cfg.generator, cfg.model
+    if g.engine != "vllm" or g.num_gpus > 0:
+        return
+    from async_pmd.models import head_dim, model_head_dim
+
+    if (Path(m.path) / "config.json").is_file():
+        dim, what = model_head_dim(m.path), f"model.path {m.path!r}"
+    elif m.build_tiny:
+        dim, what = head_dim(m.tiny.hidden_size, m.tiny.num_heads), "model.tiny (hidden_size / num_heads)"
+    else:
+        return
+    if dim not in VLLM_CPU_HEAD_DIMS:
+        yield "generator.engine", (
+            f"'vllm' on CPU cannot run {what}: head dim {dim} has no kernel in vLLM's CPU attention (supported: "
+            f"{list(VLLM_CPU_HEAD_DIMS)}); use a head-dim-64 tiny model (model.tiny hidden_size 128, num_heads 2, "
+            "as configs/cluster_vllm.yaml) or generator.engine=torch")
 
 
 def _model_present(cfg: ClusterConfig):

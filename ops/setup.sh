@@ -3,8 +3,18 @@
 # torch and the stack are pinned through constraints-cpu.txt (an unpinned torch pulls GBs of CUDA).
 # DeepSpeed is built from its sdist with the shared-memory comm op precompiled, so the first
 # learner start does not spend ~40 s compiling it. Idempotent: a second run checks and exits fast.
+#
+# `bash ops/setup.sh --sglang` / `--vllm` build `.venv-sglang` / `.venv-vllm` instead: the whole
+# project plus that inference engine, pinned through constraints-sglang.txt / constraints-vllm.txt
+# (ops/setup_engine.sh; README "Real inference engines").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  "") ;;
+  --sglang) exec bash ops/setup_engine.sh sglang ;;
+  --vllm) exec bash ops/setup_engine.sh vllm ;;
+  *) echo "usage: bash ops/setup.sh [--sglang | --vllm]" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 C=constraints-cpu.txt
 stamp=.venv/.installed-$(cat pyproject.toml "$C" | sha1sum | cut -c1-12)

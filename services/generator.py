@@ -22,7 +22,7 @@ from ray import serve
 
 from async_pmd import names, telemetry, wire
 from async_pmd.config import GeneratorConfig, ModelConfig
-from async_pmd.engines import SamplingParams, create_engine
+from async_pmd.engines import SamplingParams, create_engine, engine_options
 from async_pmd.models import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,11 +38,7 @@ class Generator:
         self._max_weight_bytes = max_weight_bytes
         self._max_wire_bytes = max_wire_bytes
         self._tokenizer = load_tokenizer(model.path)
-        engine_kwargs = {"dtype": model.dtype, "max_prompt_length": max_prompt_length}
-        if generator.engine == "torch":
-            engine_kwargs["num_threads"] = max(1, int(generator.num_cpus))
-        else:
-            engine_kwargs.update(generator.sglang.model_dump())
+        engine_kwargs = {"dtype": model.dtype, "max_prompt_length": max_prompt_length, **engine_options(generator)}
         self._engine = create_engine(generator.engine, model.path, tokenizer=self._tokenizer, **engine_kwargs)
         self._store = ray.get_actor(names.WEIGHT_STORE, namespace=namespace)
         # One batch on the engine at a time, and weight loads only between batches.

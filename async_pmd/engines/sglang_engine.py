@@ -1,7 +1,9 @@
-"""The SGLang inference engine (GPU machines): `InferenceEngine` over an in-process `sglang.Engine`.
+"""The SGLang inference engine: `InferenceEngine` over an in-process `sglang.Engine`.
 
-Written against SGLang 0.5.23 (`srt/entrypoints/engine.py`, `srt/managers/io_struct.py`); not yet
-run on hardware here. sglang is imported only when an `SGLangEngine` is built, and the
+Checked against SGLang 0.5.23's source (`srt/entrypoints/engine.py`, `srt/managers/io_struct.py`,
+`srt/managers/tokenizer_control_mixin.py`, `srt/managers/scheduler_components/weight_updater.py`)
+and run on this CPU by `tests/engines/test_sglang_real.py` (`.venv-sglang`, `device="cpu"`; README
+"Real inference engines"). sglang is imported only when an `SGLangEngine` is built, and the
 translation in both directions (our `SamplingParams` → SGLang request, SGLang output dict →
 `GenerationOutput`) lives in pure functions that the CPU tests cover.
 
@@ -10,16 +12,24 @@ Differences from the torch engine worth knowing:
   top-p renormalisation (greedy: untempered). With top_k/top_p off, as RL runs use, they equal
   the torch engine's; with them on, they are not the truncated distribution's (a warning says so).
 - n responses per prompt are sent as n requests with seeds seed+row (SGLang's own `n` would give
-  every copy the same `sampling_seed`, i.e. n identical responses).
+  every copy the same `sampling_seed`, i.e. n identical responses). SGLang honours
+  `sampling_seed` only with `enable_deterministic_inference`, which this adapter turns on for
+  GPU devices; SGLang's CPU attention backends refuse it, so on CPU a seed does not fix the sample.
+- Weight loads run inside SGLang's weight-update session (`begin_weight_update` … load …
+  `end_weight_update`): 0.5.23 refuses tensor and distributed updates outside one.
 - `update_weights` without `pause` waits for in-flight requests (SGLang's model-update writer
   lock), so every response comes from one weight version. `pause(mode="abort")`, the default,
   returns in-flight requests at once with finish_reason "abort" (the caller retries them);
   "retract" / "in_place" keep them, and they then finish on the new weights.
-- SGLang's engine lives on the event loop that was current when it was built (`Engine.loop`; in a
-  Serve replica, the replica's loop). Sync methods run their coroutine on that loop: directly when
-  it is idle, thread-safely when it runs in another thread (`asyncio.to_thread(engine.generate,
-  ...)` works); called on the loop's own thread they raise instead of deadlocking: there, use
-  `async_generate` or `to_thread`.
+- SGLang's engine lives on the event loop that is current when it is built (`Engine.loop`), and
+  its tokenizer manager receives results only while that loop runs. The adapter builds it in a
+  thread of its own, so that loop is a private one, and runs the loop in that thread: any thread
+  may then call any method (a `pause` while another thread waits on a batch reaches a live
+  loop), and a caller's own loop is never borrowed. (A Serve replica's sync `__init__` runs on
+  the replica's user-code loop: an engine built there would live on a loop blocked by that very
+  `__init__`, and the first weight load from it would deadlock.) `async_generate` awaits the
+  engine's loop from whichever loop it is called on; sync methods called on the engine's own
+  loop thread raise instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -28,13 +38,17 @@ import asyncio
 import json
 import logging
 import os
-import struct
+import threading
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
 from async_pmd.engines.base import GenerationOutput, SamplingParams
+from async_pmd.engines.checks import check_named_shapes, check_named_tensors, check_prompts, checkpoint_shapes
+
+__all__ = ["SGLangEngine", "build_requests", "check_named_tensors", "check_prompts", "checkpoint_shapes",
+           "group_outputs", "parse_output", "run_on_loop", "to_sglang_sampling_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,54 +125,15 @@ def group_outputs(outputs: Sequence[Mapping[str, Any]], n: int, version: int) ->
     return [parsed[i : i + n] for i in range(0, len(parsed), n)]
 
 
-def checkpoint_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape of the safetensors checkpoint at `model_path`, from the file headers only.
-
-    With tied embeddings the checkpoint holds no lm_head.weight; it is added as an alias so that a
-    learner sending its full state_dict validates.
-    """
-    path = Path(model_path)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
-    if not shapes:
-        raise FileNotFoundError(f"no *.safetensors checkpoint under {str(path)!r}")
-    config = json.loads((path / "config.json").read_text())
-    if config.get("tie_word_embeddings") and "lm_head.weight" not in shapes:
-        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
-    return shapes
-
-
-def check_named_tensors(named_tensors: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """ValueError naming the first tensor whose name is unknown or whose shape differs."""
-    for name, tensor in named_tensors.items():
-        if name not in shapes:
-            raise ValueError(f"update_weights: unknown tensor {name!r} (not in the checkpoint)")
-        if tuple(tensor.shape) != shapes[name]:
-            raise ValueError(f"update_weights: tensor {name!r} has shape {tuple(tensor.shape)}, the model's is {shapes[name]}")
-
-
-def check_prompts(prompt_ids: Sequence[Sequence[int]], max_prompt_length: int) -> None:
-    """ValueError naming the first empty or over-long prompt."""
-    if not prompt_ids:
-        raise ValueError("generate() needs at least one prompt")
-    for index, prompt in enumerate(prompt_ids):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {index} is empty")
-        if len(prompt) > max_prompt_length:
-            raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than max_prompt_length={max_prompt_length}")
-
-
 # ---------------------------------------------------------------- the engine
 
 
 class SGLangEngine:
     """An in-process `sglang.Engine` (its scheduler runs in subprocesses) behind `InferenceEngine`.
 
-    Owns the SGLang engine and our weight `version` (SGLang's own version string is not used).
+    Owns the SGLang engine and our weight `version`, which is also sent to SGLang as its
+    `weight_version` string on every weight load (it then shows in SGLang's metrics and
+    `get_model_info()`).
     """
 
     def __init__(
@@ -166,19 +141,25 @@ class SGLangEngine:
         model_path: str | os.PathLike,
         tokenizer=None,
         *,
+        device: str | None = None,
         tp_size: int = 1,
         dp_size: int = 1,
         mem_fraction_static: float = 0.8,
         random_seed: int = 0,
         dtype: str = "auto",
+        deterministic: bool | None = None,
         pause_mode: PauseMode = "abort",
         max_prompt_length: int | None = None,
         extra: Mapping[str, Any] | None = None,
         **engine_kwargs: Any,
     ):
         """`tokenizer` is accepted for symmetry with TorchEngine and unused (ids in, ids out).
-        `extra` and any other keywords go to `sglang.Engine` (ServerArgs fields). `dtype` "auto"
-        is SGLang's: fp16 for an fp32 checkpoint."""
+        `device` "cpu" selects SGLang's CPU engine (`SGLANG_USE_CPU_ENGINE=1`, set here before
+        sglang is imported); None lets SGLang pick (CUDA). `deterministic` is SGLang's
+        `enable_deterministic_inference` (what makes `sampling_seed` fix a sample); None = on
+        unless the device is the CPU, whose attention backends refuse it. `extra` and any other
+        keywords go to `sglang.Engine` (ServerArgs fields). `dtype` "auto" is SGLang's: fp16 for
+        an fp32 checkpoint."""
         from async_pmd.engines import SGLANG_INSTALL_HINT
 
         if dp_size != 1:
@@ -186,7 +167,13 @@ class SGLangEngine:
                 "SGLang 0.5.23 cannot update weights from tensors with dp_size > 1; "
                 "scale with more generator replicas instead"
             )
-
+        kwargs = {**dict(extra or {}), **engine_kwargs}
+        device = kwargs.pop("device", device)  # also accepted inside `extra` (generator.sglang.extra)
+        on_cpu = device == "cpu"
+        if on_cpu:
+            # Read once, at sglang's import (`srt/utils/common.py: is_cpu`), by this process and
+            # the scheduler processes it spawns.
+            os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
         try:
             import sglang
             from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput
@@ -202,69 +189,118 @@ class SGLangEngine:
         self._continue_request = ContinueGenerationReqInput()
         self._tp_size = tp_size
         self._version = 0
+        self._deterministic = (not on_cpu) if deterministic is None else bool(deterministic)
         self._warned_truncation = False
-        self._engine = sglang.Engine(
+        self._warned_seed = False
+        if device is not None:
+            kwargs["device"] = device
+        engine_args = dict(
             model_path=str(self._model_path),
             skip_tokenizer_init=True,  # token ids in and out; no detokenizer work
             tp_size=tp_size,
             mem_fraction_static=mem_fraction_static,
             random_seed=random_seed,
             dtype=dtype,
-            **{**dict(extra or {}), **engine_kwargs},
+            enable_deterministic_inference=self._deterministic,
+            **kwargs,
         )
+        self._engine, self._loop_thread = _start_on_own_thread(lambda: sglang.Engine(**engine_args))
 
     @property
     def version(self) -> int:
         return self._version
 
+    @property
+    def sglang_engine(self):
+        """The underlying `sglang.Engine` (for SGLang's own API beyond this protocol)."""
+        return self._engine
+
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[GenerationOutput]]:
-        input_ids, sampling = self._prepare(prompt_ids, params)
-        version = self._version
-        outputs = self._run(
-            self._engine.async_generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
-        )
-        return group_outputs(outputs, params.n, version)
+        return self._run(self.async_generate(prompt_ids, params))
 
     async def async_generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[GenerationOutput]]:
         """`generate` for callers inside an event loop (an async Serve replica)."""
         input_ids, sampling = self._prepare(prompt_ids, params)
         version = self._version
-        outputs = await self._engine.async_generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        request = self._engine.async_generate(input_ids=input_ids, sampling_params=sampling, return_logprob=True)
+        if asyncio.get_running_loop() is self._engine.loop:
+            outputs = await request
+        else:  # another loop (a Serve replica's) awaits the engine's
+            outputs = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(request, self._engine.loop))
         return group_outputs(outputs, params.n, version)
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> None:
         """Checked against the checkpoint's names and shapes first (nothing sent on ValueError),
-        then loaded by SGLang (which may cast dtype); its radix cache is flushed.
+        then loaded by SGLang inside a weight-update session (it may cast dtype); its radix cache
+        is flushed, and a refused flush fails the update (RuntimeError).
 
         Builds the same request as 0.5.23's `Engine.update_weights_from_tensor` (one serialized
-        copy per TP rank), so that it can also run on a loop busy in another thread.
+        payload per TP rank, each rank deserializing only its own), so that it can also run on a
+        loop busy in another thread.
         """
         from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
         from sglang.srt.utils import MultiprocessingSerializer
 
-        incoming = {name: torch.as_tensor(t) for name, t in named_tensors.items()}
-        check_named_tensors(incoming, self._shapes)
-        payload = MultiprocessingSerializer.serialize(list(incoming.items()))
+        pairs = [(name, torch.as_tensor(t)) for name, t in named_tensors.items()]
+        check_named_tensors(dict(pairs), self._shapes)
         request = UpdateWeightsFromTensorReqInput(
-            serialized_named_tensors=[payload] * self._tp_size,
+            serialized_named_tensors=[MultiprocessingSerializer.serialize(pairs) for _ in range(self._tp_size)],
             load_format=None,
             flush_cache=True,
-            weight_version=str(version),  # shows in SGLang's meta_info / metrics
+            weight_version=str(version),
         )
-        success, message = self._run(self._engine.tokenizer_manager.update_weights_from_tensor(request, None))
+        manager = self._engine.tokenizer_manager
+        self._run(self._in_weight_session(manager.update_weights_from_tensor(request, None), version))
+        self._version = int(version)
+
+    def init_weight_sync_group(
+        self, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
+        group_name: str, backend: str = "nccl",
+    ) -> None:
+        """Join the learner's weight-broadcast group (SGLang's `init_weights_update_group`): the
+        learner is rank 0 and hosts the rendezvous; this engine's TP ranks are rank_offset….
+        Blocks until every rank has joined. `backend` gloo on CPU, nccl on GPU."""
+        from sglang.srt.managers.io_struct import InitWeightsUpdateGroupReqInput
+
+        request = InitWeightsUpdateGroupReqInput(
+            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
+            world_size=world_size, group_name=group_name, backend=backend,
+        )
+        success, message = self._run(self._engine.tokenizer_manager.init_weights_update_group(request, None))
         if not success:
-            raise RuntimeError(f"SGLang refused the weight update to version {version}: {message}")
+            raise RuntimeError(f"SGLang could not join weight-sync group {group_name!r}: {message}")
+
+    def update_weights_from_distributed(
+        self, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
+        version: int, *, group_name: str,
+    ) -> None:
+        """Receive `names` broadcast by rank 0 of `group_name`, in that order, and load them inside
+        a weight-update session. The learner must broadcast each tensor (src 0) meanwhile."""
+        from sglang.srt.managers.io_struct import UpdateWeightsFromDistributedReqInput
+
+        check_named_shapes(dict(zip(names, shapes)), self._shapes)
+        request = UpdateWeightsFromDistributedReqInput(
+            names=list(names), dtypes=[str(d).removeprefix("torch.") for d in dtypes],
+            shapes=[list(s) for s in shapes], group_name=group_name, flush_cache=True,
+            weight_version=str(version),
+        )
+        manager = self._engine.tokenizer_manager
+        self._run(self._in_weight_session(manager.update_weights_from_distributed(request, None), version))
         self._version = int(version)
 
     def update_weights_from_disk(self, model_path: str | os.PathLike, version: int) -> None:
         """Load a whole HF checkpoint directory (e.g. a learner's saved step) in place."""
         from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput
 
-        request = UpdateWeightFromDiskReqInput(model_path=str(model_path))
+        request = UpdateWeightFromDiskReqInput(model_path=str(model_path), weight_version=str(version))
         success, message, *_ = self._run(self._engine.tokenizer_manager.update_weights_from_disk(request, None))
         if not success:
             raise RuntimeError(f"SGLang could not load {model_path}: {message}")
         self._version = int(version)
+
+    def weight_version(self) -> str | None:
+        """SGLang's own record of the loaded weight version (our `version`, as a string)."""
+        return self._engine.get_model_info()["weight_version"]
 
     def pause(self) -> None:
         self._run(self._engine.tokenizer_manager.pause_generation(self._pause_request))
@@ -273,12 +309,38 @@ class SGLangEngine:
         self._run(self._engine.tokenizer_manager.continue_generation(self._continue_request))
 
     def flush_cache(self) -> None:
-        self._run(self._engine.tokenizer_manager.flush_cache())
+        """Drop SGLang's radix (prefix) cache; RuntimeError when SGLang refuses (requests running)."""
+        result = self._run(self._engine.tokenizer_manager.flush_cache())
+        if not result.success:
+            raise RuntimeError(f"SGLang refused to flush its cache: {result.message or 'requests still running'}")
 
     def shutdown(self) -> None:
         self._engine.shutdown()
+        self._engine.loop.call_soon_threadsafe(self._engine.loop.stop)
+        self._loop_thread.join(timeout=10)
 
     # ------------------------------------------------------------ helpers
+
+    async def _in_weight_session(self, load, version: int) -> None:
+        """Run the weight-load coroutine `load` between SGLang's begin/end_weight_update.
+
+        The session is closed even when the load fails, so the next update can open one.
+        """
+        from sglang.srt.managers.io_struct import BeginWeightUpdateReqInput, EndWeightUpdateReqInput
+
+        manager = self._engine.tokenizer_manager
+        ok, message = await manager.begin_weight_update(BeginWeightUpdateReqInput(), None)
+        if not ok:
+            load.close()
+            raise RuntimeError(f"SGLang refused to open a weight-update session for version {version}: {message}")
+        try:
+            ok, message = await load
+        finally:
+            end_ok, end_message = await manager.end_weight_update(EndWeightUpdateReqInput(), None)
+        if not ok:
+            raise RuntimeError(f"SGLang refused the weight update to version {version}: {message}")
+        if not end_ok:
+            raise RuntimeError(f"SGLang could not close the weight-update session of version {version}: {end_message}")
 
     def _prepare(self, prompt_ids, params: SamplingParams):
         limit = self._max_prompt_length or self._max_positions - params.max_new_tokens
@@ -286,10 +348,44 @@ class SGLangEngine:
         if (params.top_k_enabled or params.top_p < 1.0) and not self._warned_truncation:
             self._warned_truncation = True
             logger.warning("SGLang log-probs ignore top-k/top-p truncation; the PMD anchor is then approximate")
+        if params.seed is not None and not self._deterministic and not self._warned_seed:
+            self._warned_seed = True
+            logger.warning("SGLang ignores sampling seeds without enable_deterministic_inference "
+                           "(which its CPU backends refuse): seeded samples are not reproducible here")
         return build_requests(prompt_ids, params)
 
     def _run(self, coroutine):
         return run_on_loop(self._engine.loop, coroutine)
+
+
+def _start_on_own_thread(build):
+    """Run `build()` (→ an `sglang.Engine`) in a new thread with no event loop, then that engine's
+    loop forever in the same thread; returns (engine, thread), or raises what `build` raised.
+
+    One thread for both on purpose: SGLang's child processes die with the *thread* that started
+    them (PR_SET_PDEATHSIG follows the creating thread), so that thread must live as long as the
+    engine.
+    """
+    ready = threading.Event()
+    result: dict = {}
+
+    def target():
+        try:
+            engine = build()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = exc
+            ready.set()
+            return
+        result["engine"] = engine
+        ready.set()
+        engine.loop.run_forever()
+
+    thread = threading.Thread(target=target, name="sglang-engine-loop", daemon=True)
+    thread.start()
+    ready.wait()
+    if "error" in result:
+        raise result["error"]
+    return result["engine"], thread
 
 
 def run_on_loop(loop: asyncio.AbstractEventLoop, coroutine):

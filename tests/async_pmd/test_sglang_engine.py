@@ -1,7 +1,8 @@
-"""The SGLang engine's CPU-checkable parts: the not-installed path and the pure translation helpers.
+"""The SGLang engine's parts checkable in the CPU venv: the not-installed path and the pure
+translation helpers.
 
-The engine itself needs sglang, which pins a CUDA torch and so never shares the CPU venv;
-those tests skip with the reason.
+sglang pins a CUDA torch, so it never shares the CPU venv: the real engine runs on CPU in
+.venv-sglang (tests/engines/test_sglang_real.py) and on a GPU below; both skip with the reason.
 """
 
 import os

@@ -251,8 +251,8 @@ def test_create_engine_builds_torch_and_rejects_unknown_kinds(tiny_path, prompts
     engine.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         engine.generate(prompts[:1], SamplingParams())
-    with pytest.raises(ValueError, match="unknown engine kind 'vllm'"):
-        create_engine("vllm", str(tiny_path))
+    with pytest.raises(ValueError, match="unknown engine kind 'tgi'"):
+        create_engine("tgi", str(tiny_path))
     with pytest.raises(FileNotFoundError):
         create_engine("torch", str(tiny_path.parent / "missing"))
 

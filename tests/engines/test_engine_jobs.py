@@ -1,0 +1,109 @@
+"""The whole job with a real engine in the generator replica (`configs/cluster_<engine>.yaml`, run as
+`python -m async_pmd.launch` in a subprocess of this venv), with the replica SIGKILLed while
+the run is under way.
+
+Contracts pinned: the run completes every step; requests the dead replica held are re-issued
+by the driver, none lost and none counted twice (`groups/dispatched == trained + filtered +
+stale + failed + unfinished` on every record, no duplicates); the replacement replica loads the
+newest weights through the engine's API and keeps loading each step's, so generation follows
+the learner. Each engine's case runs only in that engine's venv and skips, with the reason,
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine_checks import needs
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 30
+KILL_AT_STEP = 6
+REPLICA_TITLE = "ServeReplica:generator:Generator"  # Ray's process title of a Serve replica
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _replicas(proc: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for child in proc.children(recursive=True):
+        try:
+            if REPLICA_TITLE in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _run_with_a_kill(kind: str, tmp_path: Path) -> tuple[dict, list[dict], dict]:
+    run_dir = tmp_path / "runs" / "job"
+    cmd = [sys.executable, "-m", "async_pmd.launch", str(REPO / "configs" / f"cluster_{kind}.yaml"),
+           f"trainer.output_dir={tmp_path / 'runs'}", "trainer.experiment_name=job", f"model.path={tmp_path / 'tiny64'}",
+           f"trainer.total_steps={STEPS}", "trainer.total_minutes=null", "trainer.save_freq=0",
+           "checkpoint.export_hf=false", "metrics.enabled=false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    log = open(tmp_path / "job.log", "w")
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    seen: dict = {}
+    try:
+        deadline = time.monotonic() + 400
+        while len(_records(run_dir)) < KILL_AT_STEP:
+            assert job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the job never reached the kill step"
+            time.sleep(0.2)
+        (replica,) = _replicas(psutil.Process(job.pid))
+        seen = {"pid": replica.pid, "step": len(_records(run_dir))}
+        os.kill(replica.pid, signal.SIGKILL)
+        assert job.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+        log.close()
+    return seen, _records(run_dir), json.loads((run_dir / "accounting.json").read_text())
+
+
+@pytest.fixture(scope="module", params=["sglang", "vllm"])
+def job(request, tmp_path_factory):
+    kind = request.param
+    needs_kind = needs(kind)
+    if needs_kind.args[0]:  # the skipif condition: the engine is not installed in this venv
+        pytest.skip(needs_kind.kwargs["reason"])
+    return (kind, *_run_with_a_kill(kind, tmp_path_factory.mktemp(f"job_{kind}")))
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_replica_is_replaced_and_its_requests_reissued_with_nothing_lost(job):
+    kind, seen, records, accounting = job
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for record in records:
+        settled = sum(record[f"groups/{k}"] for k in ("trained", "filtered", "stale", "failed", "unfinished"))
+        assert record["groups/dispatched"] == settled, record
+        assert record["groups/duplicate"] == 0, record
+    assert accounting["driver/retries"] >= 1, accounting  # the dead replica held work in flight
+    assert accounting["groups/failed"] == 0, accounting  # and every re-issue then succeeded
+    assert accounting["generator"]["pid"] != seen["pid"]  # a new replica process served the rest
+
+
+@pytest.mark.timeout(900)
+def test_the_new_replica_loads_each_steps_weights_through_the_engine(job):
+    kind, seen, records, accounting = job
+    generator = accounting["generator"]
+    # The replacement started on the newest published weights and pulled nearly every later step's.
+    assert generator["start_version"] >= seen["step"] - 1, generator
+    assert generator["weight_pulls"] >= (STEPS - generator["start_version"]) // 2, generator
+    assert generator["policy_version"] >= STEPS - 2, generator
+    sync_ms = 1e3 * generator["weight_pull_s"] / max(generator["weight_pulls"], 1)
+    print(f"{kind}: {generator['weight_pulls']} weight loads after the kill, {sync_ms:.1f} ms each; "
+          f"{accounting['driver/retries']} requests re-issued")
