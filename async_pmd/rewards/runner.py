@@ -26,6 +26,7 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -99,10 +100,9 @@ class RewardRunner:
         # Scoring may run in several threads at once (the scorer serves requests in parallel);
         # the counters are the only state they share outside the pool.
         self._counter_lock = threading.Lock()
-        self._pool = None if timeout_s is None else ProcessPool(
-            max_workers=max_workers, initializer=_init_worker, initargs=(reward,),
-            context=multiprocessing.get_context("forkserver"))
-        self.max_workers = max_workers
+        self._reward, self.max_workers = reward, max_workers
+        self._pool_lock = threading.Lock()  # the pool is replaced if pebble declares it broken
+        self._pool = None if timeout_s is None else self._new_pool()
 
     def score_group(
         self,
@@ -168,11 +168,20 @@ class RewardRunner:
         return [c.pid for c in psutil.Process().children(recursive=True)
                 if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
+    def _new_pool(self) -> ProcessPool:
+        return ProcessPool(max_workers=self.max_workers, initializer=_init_worker, initargs=(self._reward,),
+                           context=multiprocessing.get_context("forkserver"))
+
     def _run(self, calls: list[list[tuple]]) -> list[list[Outcome]]:
         if self._pool is None:
             return [[_outcome(*_call_inline(self.fn, args)) for args in group] for group in calls]
-        futures = [self._pool.schedule(_score_calls, args=(group, self.timeout_s),
-                                       timeout=len(group) * self.timeout_s + _TASK_SLACK_S) for group in calls]
+        with self._pool_lock:
+            if not self._pool.active:  # pebble gives a pool up when a worker dies between tasks
+                logger.warning("the reward worker pool broke (a worker died): starting a new one")
+                self._pool = self._new_pool()
+            pool = self._pool
+        futures = [pool.schedule(_score_calls, args=(group, self.timeout_s),
+                                 timeout=len(group) * self.timeout_s + _TASK_SLACK_S) for group in calls]
         return [self._result(future, len(group)) for future, group in zip(futures, calls)]
 
     def _result(self, future, n: int) -> list[Outcome]:
@@ -182,7 +191,7 @@ class RewardRunner:
             logger.warning("a reward task ran past its %.3g s budget: its worker was killed and replaced",
                            n * self.timeout_s + _TASK_SLACK_S)
             return [("failed:timeout", math.nan, {})] * n
-        except ProcessExpired as exc:
+        except (ProcessExpired, BrokenProcessPool) as exc:
             logger.warning("a reward worker died (%s): replaced", exc)
             return [("failed:crash", math.nan, {})] * n
         except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be sent back

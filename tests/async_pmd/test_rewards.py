@@ -230,6 +230,14 @@ def test_a_crashing_reward_is_a_status_and_its_worker_is_replaced(runner):
     assert r.failures == {"crash": 1}
 
 
+def test_a_pool_that_pebble_gave_up_is_replaced(runner):
+    """Pebble declares its pool broken when a worker dies between tasks (a race seen under load:
+    the calls then fail with BrokenProcessPool, counted as crashes); the next call gets a new pool."""
+    r = runner(max_workers=1)
+    r._pool.stop()  # what a broken pool looks like from outside: no longer active
+    assert r.score_group("p", ["ok"], "1", {})[1] == ["ok"]
+
+
 def test_fifty_hanging_calls_leave_threads_and_processes_bounded(runner):
     """50 hangs over 10 groups: each costs its timeout, none outlives it; afterwards the
     scorer's process holds as many threads and worker processes as before, and scores."""
