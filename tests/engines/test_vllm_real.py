@@ -24,6 +24,7 @@ import torch
 from async_pmd import models
 from async_pmd.config import VLLM_CPU_HEAD_DIMS, ConfigError, build_config
 from async_pmd.engines import SamplingParams, create_engine
+from async_pmd.preflight import check_runnable
 from engine_checks import (
     ATOL, EOS, assert_logprobs_match, build_model, encode, greedy_reference, needs, perturbed_state,
     teacher_forced,
@@ -186,6 +187,8 @@ def test_config_head_dims_are_vllms_own():
 
 
 def test_config_refuses_vllm_with_a_head_dim_its_cpu_attention_lacks(tmp_path):
-    with pytest.raises(ConfigError, match=r"generator.engine 'vllm' on CPU cannot run model.tiny .*head dim 16"):
-        build_config({"generator": {"engine": "vllm"}, "model": {"path": str(tmp_path / "m")}})
-    build_config({"generator": {"engine": "vllm"}, "model": {"path": str(tmp_path / "m"), "tiny": models.TINY_HEAD_DIM_64}})
+    """The launcher's preflight (before anything starts), with vLLM really installed."""
+    with pytest.raises(ConfigError, match=r"generator.engine: 'vllm' on CPU cannot run model.tiny .*head dim 16"):
+        check_runnable(build_config({"generator": {"engine": "vllm"}, "model": {"path": str(tmp_path / "m")}}))
+    check_runnable(build_config({"generator": {"engine": "vllm"},
+                                 "model": {"path": str(tmp_path / "m"), "tiny": models.TINY_HEAD_DIM_64}}))
