@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from async_pmd.engines.base import GenerationOutput, SamplingParams
+from async_pmd.engines.checks import check_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -242,13 +243,8 @@ class TorchEngine:
         limit = self._max_prompt_length
         if limit is None:
             limit = self._max_positions - params.max_new_tokens
-        if not prompt_ids:
-            raise ValueError("generate() needs at least one prompt")
+        check_prompts(prompt_ids, limit)  # the engines' shared empty / over-long refusals
         for index, prompt in enumerate(prompt_ids):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {index} is empty")
-            if len(prompt) > limit:
-                raise ValueError(f"prompt {index} has {len(prompt)} tokens, more than max_prompt_length={limit}")
             if min(prompt) < 0 or max(prompt) >= self._vocab_size:
                 raise ValueError(f"prompt {index} has a token id outside [0, {self._vocab_size})")
 
