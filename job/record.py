@@ -81,6 +81,8 @@ class RunLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if not {"tensorboard", "wandb"} & set(self._loggers):
+            return
         scalars = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if "tensorboard" in self._loggers:
             self._tensorboard = self._tensorboard or self._open_tensorboard()
