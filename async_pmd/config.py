@@ -343,8 +343,15 @@ class WireConfig(Section):
 class WeightSyncConfig(Section):
     interval: int = Field(1, ge=1)
     """Publish weights to the generators every k learner steps."""
+    transport: Literal["object_store", "collective"] = "object_store"
+    """How weights reach a replica. `object_store`: learner rank 0 encodes them once into Ray's
+    object store and each replica pulls the bytes. `collective`: each replica receives every tensor
+    by broadcast from learner rank 0 over a process group of its own (gloo on CPU, NCCL on GPU),
+    through the engine's own API (torch and sglang engines)."""
+    timeout_s: float = Field(300.0, gt=0)
+    """`collective`: how long forming a group or one broadcast may take before it fails."""
     max_bytes: int = Field(8 * 2**30, ge=1)
-    """Largest weights message accepted."""
+    """Largest weights message accepted (`object_store`)."""
 
 
 class MetricsConfig(Section):
@@ -444,6 +451,17 @@ class ClusterConfig(Section):
                              "(data.train_batch_size + generator.prompts_per_request)")
         if self.actor.ppo_mini_batch_size and self.data.train_batch_size % self.actor.ppo_mini_batch_size:
             raise ValueError("actor.ppo_mini_batch_size must divide data.train_batch_size")
+        if self.weight_sync.transport == "collective":
+            if self.generator.engine == "vllm":
+                raise ValueError(
+                    "weight_sync.transport=collective is built for the torch and sglang engines; with "
+                    "generator.engine=vllm use weight_sync.transport=object_store (vLLM 0.32's own weight-transfer "
+                    "backends are CUDA-only and not wired here)")
+            if (self.learner.num_gpus_per_rank > 0) != (self.generator.num_gpus > 0):
+                raise ValueError(
+                    "weight_sync.transport=collective needs the learner and the generators on the same kind of "
+                    f"device (learner.num_gpus_per_rank={self.learner.num_gpus_per_rank}, generator.num_gpus="
+                    f"{self.generator.num_gpus}): one broadcast group is NCCL on GPUs or gloo on CPUs")
         return self
 
     @model_validator(mode="after")

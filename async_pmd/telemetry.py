@@ -62,7 +62,8 @@ METRICS: dict[str, Spec] = {
     "async_pmd_generator_policy_version": Spec(
         "gauge", "version", "policy version the replica serves", _REPLICA),
     "async_pmd_generator_weight_pull_seconds": Spec(
-        "histogram", "s", "decode + load of pulled weights; _count = pulls", _REPLICA, _SECONDS),
+        "histogram", "s", "fetch + load of newer weights (decode, or receive by broadcast); _count = pulls",
+        _REPLICA, _SECONDS),
     # scorer (one Serve replica each)
     "async_pmd_scorer_up": Spec("gauge", "1", "1 while the replica lives; count() = replicas", _REPLICA),
     "async_pmd_scorer_requests_inflight": Spec("gauge", "requests", "score requests in the replica", _REPLICA),
@@ -115,6 +116,9 @@ METRICS: dict[str, Spec] = {
         "gauge", "reward", "reward std of the trained batch (metrics.jsonl `reward/std`)", _RANK),
     "async_pmd_actor_weight_publish_seconds": Spec(
         "histogram", "s", "gather full weights + store them, rank 0 (metrics.jsonl `timing/weight_publish_s`)",
+        _RANK, _SECONDS),
+    "async_pmd_actor_weight_broadcast_seconds": Spec(
+        "histogram", "s", "`weight_sync.transport: collective`: one broadcast of all weights to one replica, rank 0",
         _RANK, _SECONDS),
     # weight store
     "async_pmd_weights_version": Spec("gauge", "version", "newest published policy version"),

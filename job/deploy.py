@@ -88,7 +88,7 @@ def deploy_serve(cfg: ClusterConfig) -> None:
         max_ongoing_requests=gen.max_ongoing_requests, graceful_shutdown_timeout_s=gen.graceful_shutdown_timeout_s,
         health_check_period_s=gen.health_check_period_s, logging_config=_QUIET, **scaling,
     ).bind(generator=gen, model=cfg.model, max_prompt_length=cfg.data.max_prompt_length, namespace=cfg.ray.namespace,
-           max_weight_bytes=cfg.weight_sync.max_bytes, max_wire_bytes=cfg.wire.max_bytes)
+           weight_sync=cfg.weight_sync, max_wire_bytes=cfg.wire.max_bytes)
     scorer = RewardScorer.options(
         num_replicas=cfg.scorer.num_replicas, ray_actor_options={"num_cpus": cfg.scorer.num_cpus},
         max_ongoing_requests=cfg.scorer.max_ongoing_requests, logging_config=_QUIET,

@@ -5,7 +5,9 @@ group of `n` responses per prompt, each tagged with the policy version that samp
 sampling log-probs are π_old of the PMD loss). Weights flow by pull: a replica loads the newest
 published weights in `__init__` (so a replica added by scaling is current before Serve routes to
 it) and checks the WeightStore's version before each batch, loading newer weights between
-batches, never during one.
+batches, never during one. They come as wire bytes from the object store, or (`weight_sync.transport:
+collective`) by broadcast from learner rank 0 over a group this replica opens with it, received
+through the engine's own API (`init_weight_sync_group` / `update_weights_from_distributed`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import ray
 from ray import serve
+from ray.exceptions import RayActorError
 
-from async_pmd import names, telemetry, wire
-from async_pmd.config import GeneratorConfig, ModelConfig
+from async_pmd import names, telemetry, weight_broadcast, wire
+from async_pmd.config import GeneratorConfig, ModelConfig, WeightSyncConfig
 from async_pmd.engines import SamplingParams, create_engine, engine_options
 from async_pmd.models import load_tokenizer
 
@@ -33,9 +36,10 @@ class Generator:
     """One replica: an engine, its tokenizer (for response texts), and a handle on the store."""
 
     def __init__(self, *, generator: GeneratorConfig, model: ModelConfig, max_prompt_length: int,
-                 namespace: str, max_weight_bytes: int, max_wire_bytes: int):
+                 namespace: str, weight_sync: WeightSyncConfig, max_wire_bytes: int):
         self._cfg = generator
-        self._max_weight_bytes = max_weight_bytes
+        self._weight_sync = weight_sync
+        self._weight_group: tuple[str, str] | None = None  # `collective`: (sender's actor id, group name)
         self._max_wire_bytes = max_wire_bytes
         self._tokenizer = load_tokenizer(model.path)
         engine_kwargs = {"dtype": model.dtype, "max_prompt_length": max_prompt_length, **engine_options(generator)}
@@ -44,13 +48,13 @@ class Generator:
         # One batch on the engine at a time, and weight loads only between batches.
         self._engine_lock = asyncio.Lock()
         self._stats = {"requests": 0, "responses": 0, "tokens": 0, "weight_pulls": 0,
-                       "weight_pull_s": 0.0, "generate_s": 0.0}
+                       "weight_pull_s": 0.0, "generate_s": 0.0, "weight_groups_joined": 0}
         self._metrics = telemetry.RoleMetrics("generator", replica=serve.get_replica_context().replica_tag)
-        version, refs = ray.get(self._store.latest.remote())
-        if refs:
+        latest = ray.get(self._store.latest.remote())
+        if latest[0] >= 0:
             # In a worker thread: the SGLang engine refuses blocking calls on its own loop's thread.
             with ThreadPoolExecutor(1) as pool:
-                pool.submit(self._load, version, ray.get(refs[0])).result()
+                pool.submit(self._fetch, latest).result()
         self._start_version = self._engine.version  # what a replica added by scaling started on
         self._metrics.set("up", 1)
         self._metrics.set("policy_version", self._engine.version)
@@ -81,7 +85,8 @@ class Generator:
 
     def status(self) -> dict:
         return {**self._stats, "pid": os.getpid(), "policy_version": self._engine.version,
-                "start_version": self._start_version, "busy": self._engine_lock.locked()}
+                "start_version": self._start_version, "busy": self._engine_lock.locked(),
+                "weight_transport": self._weight_sync.transport}
 
     # ------------------------------------------------------------------ helpers
 
@@ -110,15 +115,56 @@ class Generator:
         version = await self._store.version.remote()
         if version <= self._engine.version:
             return
-        version, refs = await self._store.latest.remote()
-        if refs:
-            await asyncio.to_thread(self._load, version, await refs[0])
+        latest = await self._store.latest.remote()
+        try:
+            await asyncio.to_thread(self._fetch, latest)
+        except RayActorError as exc:
+            # The sender (learner rank 0) died: the job rebuilds it and announces again, and this
+            # replica joins the new one then; until then it samples with the weights it has.
+            logger.warning("weights of version %d not received, the learner is gone: %s", latest[0], exc)
 
-    def _load(self, version: int, payload: np.ndarray) -> None:
+    def _fetch(self, latest: tuple) -> None:
+        """Load the weights `WeightStore.latest()` points at (blocking; a worker thread)."""
+        version, refs, sender = latest
         start = time.perf_counter()
-        msg = wire.decode(payload, max_bytes=self._max_weight_bytes, expect=wire.NamedTensors)
-        self._engine.update_weights(msg.to_torch(), version)
+        if refs:
+            msg = wire.decode(ray.get(refs[0]), max_bytes=self._weight_sync.max_bytes, expect=wire.NamedTensors)
+            self._engine.update_weights(msg.to_torch(), version)
+        elif sender is not None:
+            self._receive(*sender)
+        else:
+            return
         self._stats["weight_pulls"] += 1
         self._stats["weight_pull_s"] += time.perf_counter() - start
         self._metrics.observe("weight_pull_seconds", time.perf_counter() - start)
-        self._metrics.set("policy_version", version)
+        self._metrics.set("policy_version", self._engine.version)
+
+    def _receive(self, sender: ray.actor.ActorHandle, sender_id: str) -> None:
+        """Receive the sender's newest weights by broadcast, joining its group first if needed."""
+        group = self._join(sender, sender_id)
+        try:
+            manifest = ray.get(sender.reserve_weights.remote(group))
+            weight_broadcast.check_dtypes(manifest["dtypes"])
+            sent = sender.send_weights.remote(group)
+            self._engine.update_weights_from_distributed(manifest["names"], manifest["dtypes"], manifest["shapes"],
+                                                         manifest["version"], group_name=group)
+            ray.get(sent)
+        except Exception:
+            # A broadcast that failed halfway leaves the group unusable: the next pull opens a new one.
+            self._weight_group = None
+            raise
+
+    def _join(self, sender: ray.actor.ActorHandle, sender_id: str) -> str:
+        if self._weight_group is not None and self._weight_group[0] == sender_id:
+            return self._weight_group[1]
+        if self._weight_group is not None:  # a rebuilt learner: its predecessor's group is dead
+            self._engine.destroy_weight_sync_group(self._weight_group[1])
+            self._weight_group = None
+        world_size = 1 + self._engine.weight_sync_ranks
+        address, port, group = ray.get(sender.open_weight_group.remote(world_size))
+        self._engine.init_weight_sync_group(
+            master_address=address, master_port=port, rank_offset=1, world_size=world_size, group_name=group,
+            backend=weight_broadcast.backend_for(self._cfg.num_gpus > 0))
+        self._weight_group = (sender_id, group)
+        self._stats["weight_groups_joined"] += 1
+        return group

@@ -5,8 +5,11 @@ on GPU); with `actor.use_kl_loss` it also holds the frozen reference policy, loa
 `model.path` at construction, so a resumed run compares against the initial weights. It
 takes `TrainBatch` bytes (the same object ref for every rank; each trains on its share of rows),
 and on request gathers the full weights and, on rank 0, publishes them to the WeightStore as a
-`NamedTensors` message. `LearnerGroup` owns the fan-out: every collective call is sent to all
-ranks before any result is awaited, or the ranks' rendezvous would hang.
+`NamedTensors` message (`weight_sync.transport: object_store`) or keeps them and announces
+itself as their sender (`collective`): replicas then open a broadcast group with rank 0 and
+receive each tensor from it (`async_pmd.weight_broadcast`). That rank is a threaded actor so
+that replicas are served while it trains. `LearnerGroup` owns the fan-out: every collective call
+is sent to all ranks before any result is awaited, or the ranks' rendezvous would hang.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -23,8 +28,14 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from async_pmd import ds_engine, names, pmd_step, telemetry, wire
-from async_pmd.config import ActorConfig, ClusterConfig, LearnerConfig, ModelConfig
+from async_pmd import ds_engine, names, pmd_step, telemetry, weight_broadcast, wire
+from async_pmd.config import (
+    ActorConfig,
+    ClusterConfig,
+    LearnerConfig,
+    ModelConfig,
+    WeightSyncConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +52,11 @@ class LearnerRank:
     def __init__(self, *, actor: ActorConfig, learner: LearnerConfig, model: ModelConfig, rank: int,
                  world_size: int, master_addr: str, master_port: int, total_optimizer_steps: int, temperature: float,
                  max_response_length: int, seed: int,
-                 max_wire_bytes: int, max_weight_bytes: int, namespace: str, rendezvous_file: str | None = None):
+                 max_wire_bytes: int, weight_sync: WeightSyncConfig, namespace: str, rendezvous_file: str | None = None):
         self._actor, self._learner, self._model = actor, learner, model
         self._rank, self._world_size = rank, world_size
         self._temperature, self._max_response_length = temperature, max_response_length
-        self._max_wire_bytes, self._max_weight_bytes = max_wire_bytes, max_weight_bytes
+        self._max_wire_bytes, self._weight_sync = max_wire_bytes, weight_sync
         ds_engine.setup_deepspeed_env(rank, world_size, master_port, use_gpu=learner.num_gpus_per_rank > 0,
                                       master_addr=master_addr)
         import torch
@@ -61,6 +72,13 @@ class LearnerRank:
         self._optimizer_resets = 0
         self._refused = 0  # TrainBatch messages refused as malformed wire bytes
         self._metrics = telemetry.RoleMetrics("actor", rank=rank)
+        # `collective` (rank 0): the newest weights, the broadcast groups opened by replicas (each
+        # forms in a thread of its own), and the weights pinned for each group's next send.
+        self._sending = threading.Lock()
+        self._latest: tuple[weight_broadcast.Manifest, dict] | None = None
+        self._groups: dict[str, Future] = {}
+        self._pinned: dict[str, tuple[weight_broadcast.Manifest, dict]] = {}
+        self._group_threads = ThreadPoolExecutor(thread_name_prefix="weight-group")
 
     def train_step(self, payload: np.ndarray) -> dict:
         """One learner step on this rank's rows; returns the step's metrics (rank-local)."""
@@ -91,12 +109,59 @@ class LearnerRank:
         gather_s = time.perf_counter() - start
         if state is None:
             return {}
-        msg = wire.named_tensors_to_wire(state, version)
-        payload = wire.encode_array(msg, max_bytes=self._max_weight_bytes)
-        store_s = ray.get(self._store.publish.remote(version, payload))
+        if self._weight_sync.transport == "collective":
+            # The gathered tensors are fresh clones that training never writes, so a send in
+            # flight may keep using the previous set while this one replaces it.
+            with self._sending:
+                self._latest = (weight_broadcast.Manifest.of(state, version), state)
+            context = ray.get_runtime_context()
+            ray.get(self._store.announce.remote(version, context.current_actor, context.get_actor_id()))
+            nbytes, store_s = sum(t.nbytes for t in state.values()), 0.0
+        else:
+            msg = wire.named_tensors_to_wire(state, version)
+            payload = wire.encode_array(msg, max_bytes=self._weight_sync.max_bytes)
+            store_s = ray.get(self._store.publish.remote(version, payload))
+            nbytes = payload.nbytes
         self._metrics.observe("weight_publish_seconds", time.perf_counter() - start)
         return {"timing/weight_gather_s": gather_s, "timing/weight_publish_s": time.perf_counter() - start,
-                "timing/weight_store_s": store_s, "weights/bytes": float(payload.nbytes)}
+                "timing/weight_store_s": store_s, "weights/bytes": float(nbytes)}
+
+    # ------------------------------------------------ `collective`: rank 0 as the weights' sender
+
+    def open_weight_group(self, world_size: int) -> tuple[str, int, str]:
+        """Host a new broadcast group for one replica (its engine ranks are 1…world_size-1) and
+        return (address, port, group name) for it to join; the group forms in the background."""
+        name = f"async_pmd_weights_{uuid.uuid4().hex[:12]}"
+        timeout_s = self._weight_sync.timeout_s
+        store = weight_broadcast.host_store(world_size, timeout_s)
+        address = ray.util.get_node_ip_address()
+        self._groups[name] = self._group_threads.submit(
+            weight_broadcast.open_group, store=store, master_address=address, master_port=store.port, rank=0,
+            world_size=world_size, group_name=name, backend=self._backend(), timeout_s=timeout_s)
+        return address, store.port, name
+
+    def reserve_weights(self, group_name: str) -> dict:
+        """Pin the newest weights for `group_name`'s next `send_weights` and return their manifest
+        (version, names, dtypes, shapes): what the replica's engine receives into."""
+        with self._sending:
+            if self._latest is None:
+                raise RuntimeError("no weights published yet")
+            self._pinned[group_name] = self._latest
+            manifest = self._latest[0]
+        return {"version": manifest.version, "names": list(manifest.names), "dtypes": list(manifest.dtypes),
+                "shapes": [list(s) for s in manifest.shapes]}
+
+    def send_weights(self, group_name: str) -> float:
+        """Broadcast the weights pinned for `group_name`, tensor by tensor; returns the seconds."""
+        group = self._groups[group_name].result(timeout=self._weight_sync.timeout_s)
+        _, state = self._pinned.pop(group_name)
+        start = time.perf_counter()
+        weight_broadcast.send(state, group, device="cuda" if self._backend() == "nccl" else "cpu")
+        self._metrics.observe("weight_broadcast_seconds", time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    def _backend(self) -> str:
+        return weight_broadcast.backend_for(self._learner.num_gpus_per_rank > 0)
 
     def save(self, directory: str, client_state: dict) -> None:
         ds_engine.save_checkpoint(self._engine, directory, client_state)
@@ -133,15 +198,18 @@ class LearnerGroup:
         self._rendezvous = os.path.join(tempfile.gettempdir(), f"async_pmd_rendezvous_{uuid.uuid4().hex}") \
             if one_node else None
         master_addr = "127.0.0.1" if one_node else _node_address(bundle_nodes[0])
+        # Rank 0 serves replicas' weight groups while it trains (`collective`): one thread per
+        # concurrent call, the group fan-out's own calls included.
+        sender_threads = 16 if cfg.weight_sync.transport == "collective" else 1
         self.ranks = [
             LearnerRank.options(
-                num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
+                num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank, max_concurrency=1 if r else sender_threads,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
             ).remote(actor=cfg.actor, learner=lc, model=cfg.model, rank=r, world_size=lc.num_ranks,
                      master_addr=master_addr, master_port=port, total_optimizer_steps=cfg.total_optimizer_steps,
                      temperature=cfg.generator.temperature, max_response_length=cfg.generator.response_length,
                      seed=cfg.trainer.seed, max_wire_bytes=cfg.wire.max_bytes,
-                     max_weight_bytes=cfg.weight_sync.max_bytes, namespace=cfg.ray.namespace,
+                     weight_sync=cfg.weight_sync, namespace=cfg.ray.namespace,
                      rendezvous_file=self._rendezvous)
             for r in range(lc.num_ranks)
         ]

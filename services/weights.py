@@ -1,9 +1,12 @@
-"""WeightStore: the newest published policy weights, as (version, object ref of wire bytes).
+"""WeightStore: the newest published policy version, and where its weights are.
 
-The learner's rank 0 publishes a `NamedTensors` message every `weight_sync.interval` steps;
-generator replicas ask for the version before each batch and pull the bytes only when it moved
-(weights flow by pull, so a replica added by scaling starts on the newest weights). The store
-owns the object it re-puts, so the weights outlive a learner process that dies after publishing.
+With `weight_sync.transport: object_store` the learner's rank 0 publishes a `NamedTensors`
+message every `weight_sync.interval` steps and the store keeps (version, object ref of the wire
+bytes); it owns the object it re-puts, so the weights outlive a learner process that dies after
+publishing. With `collective` rank 0 keeps the weights itself and announces (version, its own
+handle): a replica then receives them by broadcast from that rank. Either way generator replicas
+ask for the version before each batch and fetch weights only when it moved (weights flow by pull,
+so a replica added by scaling starts on the newest weights).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class WeightStore:
     def __init__(self):
         self._version = -1
         self._ref: ray.ObjectRef | None = None
+        self._sender: tuple[ray.actor.ActorHandle, str] | None = None  # (learner rank 0, its actor id)
         self._published = 0
         self._last_publish_s = 0.0
         self._metrics = telemetry.RoleMetrics("weights")
@@ -40,20 +44,33 @@ class WeightStore:
         if version <= self._version:
             logger.info("ignoring publish of version %d (have %d)", version, self._version)
             return 0.0
-        self._ref = ray.put(payload)
+        self._ref, self._sender = ray.put(payload), None
         self._version = version
         self._published += 1
         self._metrics.set("version", version)
         self._last_publish_s = time.perf_counter() - start
         return self._last_publish_s
 
+    def announce(self, version: int, sender: ray.actor.ActorHandle, sender_id: str) -> None:
+        """`collective`: `version` is ready to be broadcast by `sender` (learner rank 0, whose
+        actor id is `sender_id`: a rebuilt learner is a new sender, and replicas join it anew)."""
+        if version <= self._version:
+            logger.info("ignoring announce of version %d (have %d)", version, self._version)
+            return
+        self._ref, self._sender = None, (sender, sender_id)
+        self._version = version
+        self._published += 1
+        self._metrics.set("version", version)
+
     def version(self) -> int:
         """The newest version, -1 before the first publish."""
         return self._version
 
-    def latest(self) -> tuple[int, list[ray.ObjectRef]]:
-        """(version, [ref]); the ref travels in a list so Ray hands it over unresolved."""
-        return self._version, [self._ref] if self._ref is not None else []
+    def latest(self) -> tuple[int, list[ray.ObjectRef], tuple[ray.actor.ActorHandle, str] | None]:
+        """(version, [ref], None) after a publish, (version, [], (sender, sender_id)) after an
+        announce, (-1, [], None) before either; the ref travels in a list so Ray hands it over
+        unresolved."""
+        return self._version, [self._ref] if self._ref is not None else [], self._sender
 
     def status(self) -> dict:
         return {"version": self._version, "published": self._published,

@@ -288,6 +288,20 @@ class SGLangEngine:
         self._run(self._in_weight_session(manager.update_weights_from_distributed(request, None), version))
         self._version = int(version)
 
+    @property
+    def weight_sync_ranks(self) -> int:
+        """Ranks this engine brings to a weight-broadcast group: one per TP rank."""
+        return self._tp_size
+
+    def destroy_weight_sync_group(self, group_name: str) -> None:
+        """Leave a weight-broadcast group (SGLang's `destroy_weights_update_group`)."""
+        from sglang.srt.managers.io_struct import DestroyWeightsUpdateGroupReqInput
+
+        request = DestroyWeightsUpdateGroupReqInput(group_name=group_name)
+        success, message = self._run(self._engine.tokenizer_manager.destroy_weights_update_group(request, None))
+        if not success:
+            logger.warning("SGLang could not leave weight-sync group %r: %s", group_name, message)
+
     def update_weights_from_disk(self, model_path: str | os.PathLike, version: int) -> None:
         """Load a whole HF checkpoint directory (e.g. a learner's saved step) in place."""
         from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput

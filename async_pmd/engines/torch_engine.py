@@ -19,14 +19,15 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from async_pmd import weight_broadcast
 from async_pmd.engines.base import GenerationOutput, SamplingParams
-from async_pmd.engines.checks import check_prompts
+from async_pmd.engines.checks import check_named_shapes, check_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class TorchEngine:
         # Parameters and persistent buffers by state_dict name, tied aliases (lm_head.weight) included.
         self._tensors: dict[str, torch.Tensor] = dict(self._model.state_dict(keep_vars=True))
         self._version = 0
+        self._weight_groups: dict = {}  # group name -> torch ProcessGroup (`init_weight_sync_group`)
         self._cond = threading.Condition()  # guards the three flags below
         self._busy = False  # a batch or weight update holds the model
         self._paused = False  # new batches wait until resume()
@@ -162,6 +164,34 @@ class TorchEngine:
             for name, tensor in incoming.items():
                 self._tensors[name].data.copy_(tensor)
             self._version = int(version)
+
+    # ------------------------------------------------------------ weights by broadcast (`collective`)
+
+    weight_sync_ranks = 1
+    """Ranks this engine brings to a weight-broadcast group (SGLang: its TP size)."""
+
+    def init_weight_sync_group(self, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                               group_name: str, backend: str = "gloo", timeout_s: float = 300.0) -> None:
+        """Join the learner's weight-broadcast group as rank `rank_offset` (the learner is rank 0
+        and hosts the rendezvous); blocks until every rank has joined. SGLang's signature."""
+        self._weight_groups[group_name] = weight_broadcast.open_group(
+            store=None, master_address=master_address, master_port=master_port, rank=rank_offset,
+            world_size=world_size, group_name=group_name, backend=backend, timeout_s=timeout_s)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]], version: int, *, group_name: str) -> None:
+        """Receive `names` broadcast by rank 0 of `group_name`, in that order, and load them as
+        `version`. Names and shapes are checked before the first broadcast is received."""
+        check_named_shapes(dict(zip(names, shapes)), {n: tuple(t.shape) for n, t in self._tensors.items()})
+        manifest = weight_broadcast.Manifest(version=int(version), names=tuple(names), dtypes=tuple(dtypes),
+                                             shapes=tuple(tuple(s) for s in shapes))
+        self.update_weights(weight_broadcast.receive(manifest, self._weight_groups[group_name], self._device),
+                            version)
+
+    def destroy_weight_sync_group(self, group_name: str) -> None:
+        group = self._weight_groups.pop(group_name, None)
+        if group is not None:
+            weight_broadcast.close(group)
 
     def pause(self) -> None:
         """Block new batches; returns once an in-flight batch has finished."""

@@ -6,8 +6,11 @@ Contracts pinned: the run completes every step; requests the dead replica held a
 by the driver, none lost and none counted twice (`groups/dispatched == trained + filtered +
 stale + failed + unfinished` on every record, no duplicates); the replacement replica loads the
 newest weights through the engine's API and keeps loading each step's, so generation follows
-the learner. Each engine's case runs only in that engine's venv and skips, with the reason,
-elsewhere.
+the learner. SGLang's job syncs weights over the collective (`weight_sync.transport=collective`:
+the replica opens a gloo group with learner rank 0 and receives every tensor by broadcast through
+SGLang's `update_weights_from_distributed`; the replacement replica opens a new one), vLLM's
+through the object store. Each engine's case runs only in that engine's venv and skips, with the
+reason, elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
 KILL_AT_STEP = 6
 REPLICA_TITLE = "ServeReplica:generator:Generator"  # Ray's process title of a Serve replica
+TRANSPORT = {"sglang": ["weight_sync.transport=collective"], "vllm": []}
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -52,7 +56,7 @@ def _run_with_a_kill(kind: str, tmp_path: Path) -> tuple[dict, list[dict], dict]
     cmd = [sys.executable, "-m", "async_pmd.launch", str(REPO / "configs" / f"cluster_{kind}.yaml"),
            f"trainer.output_dir={tmp_path / 'runs'}", "trainer.experiment_name=job", f"model.path={tmp_path / 'tiny64'}",
            f"trainer.total_steps={STEPS}", "trainer.total_minutes=null", "trainer.save_freq=0",
-           "checkpoint.export_hf=false", "metrics.enabled=false"]
+           "checkpoint.export_hf=false", "metrics.enabled=false", *TRANSPORT[kind]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     log = open(tmp_path / "job.log", "w")
     job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -104,6 +108,7 @@ def test_the_new_replica_loads_each_steps_weights_through_the_engine(job):
     assert generator["start_version"] >= seen["step"] - 1, generator
     assert generator["weight_pulls"] >= (STEPS - generator["start_version"]) // 2, generator
     assert generator["policy_version"] >= STEPS - 2, generator
+    assert generator["weight_transport"] == ("collective" if kind == "sglang" else "object_store"), generator
     sync_ms = 1e3 * generator["weight_pull_s"] / max(generator["weight_pulls"], 1)
     print(f"{kind}: {generator['weight_pulls']} weight loads after the kill, {sync_ms:.1f} ms each; "
           f"{accounting['driver/retries']} requests re-issued")

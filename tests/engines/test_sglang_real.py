@@ -16,20 +16,26 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import socket
 import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from engine_checks import (
+    ATOL,
+    EOS,
+    assert_logprobs_match,
+    build_model,
+    encode,
+    greedy_reference,
+    needs,
+    perturbed_state,
+    teacher_forced,
+)
 
 from async_pmd import models
 from async_pmd.engines import SamplingParams, create_engine
-from engine_checks import (
-    ATOL, EOS, assert_logprobs_match, build_model, encode, greedy_reference, needs, perturbed_state,
-    teacher_forced,
-)
 
 pytestmark = [needs("sglang"), pytest.mark.timeout(180)]
 
@@ -207,18 +213,15 @@ def test_update_weights_from_disk_sets_the_weight_version(engine, original, toke
 
 
 def test_weights_broadcast_over_gloo_load_into_the_engine(engine, original, tokenizer, tiny_path):
-    """The collective transport on CPU: this process is the learner's rank 0 (it hosts the
-    rendezvous), the engine joins as rank 1, and every tensor is broadcast from rank 0."""
-    import torch.distributed as dist
-    from sglang.srt.utils import init_custom_process_group
+    """The collective transport on CPU: this process is the learner's rank 0, its side built by
+    `async_pmd.weight_broadcast` exactly as LearnerRank builds it (hosting the rendezvous); the
+    engine joins as rank 1 through SGLang's own `init_weights_update_group`, and every tensor is
+    broadcast from rank 0 in manifest order. Twice, so a second version loads through the same group;
+    then the engine leaves the group."""
+    from async_pmd import weight_broadcast
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    new_model = models.load_model(tiny_path)
-    new_model.load_state_dict(perturbed_state(original, seed=5))
-    state = new_model.state_dict()
     group = "async_pmd_weights_test"
+    store = weight_broadcast.host_store(2, 60)
     errors = []
 
     def engine_side(call):
@@ -228,27 +231,32 @@ def test_weights_broadcast_over_gloo_load_into_the_engine(engine, original, toke
             errors.append(exc)
 
     join = threading.Thread(target=engine_side, daemon=True, args=(lambda: engine.init_weight_sync_group(
-        master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2, group_name=group,
+        master_address="127.0.0.1", master_port=store.port, rank_offset=1, world_size=2, group_name=group,
         backend="gloo"),))
     join.start()
-    pg = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=0,
-                                   group_name=group)
+    pg = weight_broadcast.open_group(store=store, master_address="127.0.0.1", master_port=store.port, rank=0,
+                                     world_size=2, group_name=group, backend="gloo", timeout_s=60)
     join.join(60)
     assert not errors, errors
-    load = threading.Thread(target=engine_side, daemon=True, args=(lambda: engine.update_weights_from_distributed(
-        list(state), [t.dtype for t in state.values()], [tuple(t.shape) for t in state.values()], version=11,
-        group_name=group),))
-    start = time.perf_counter()
-    load.start()
-    for tensor in state.values():
-        dist.broadcast(tensor.contiguous(), src=0, group=pg)
-    load.join(60)
-    elapsed = time.perf_counter() - start
-    assert not errors, errors
-    assert engine.version == 11 and engine.weight_version() == "11"
     prompts = encode(tokenizer)
-    assert_logprobs_match(new_model, prompts, engine.generate(prompts, SamplingParams(max_new_tokens=6)))
-    print(f"sglang gloo weight broadcast: {elapsed * 1e3:.1f} ms for {len(state)} tensors")
+    for version, seed in ((11, 5), (12, 6)):
+        new_model = models.load_model(tiny_path)
+        new_model.load_state_dict(perturbed_state(original, seed=seed))
+        state = {name: p.detach() for name, p in new_model.named_parameters()}  # what a learner sends
+        manifest = weight_broadcast.Manifest.of(state, version)
+        load = threading.Thread(target=engine_side, daemon=True, args=(lambda m=manifest: engine.update_weights_from_distributed(
+            m.names, m.dtypes, m.shapes, version=m.version, group_name=group),))
+        start = time.perf_counter()
+        load.start()
+        weight_broadcast.send(state, pg)
+        load.join(60)
+        elapsed = time.perf_counter() - start
+        assert not errors, errors
+        assert engine.version == version and engine.weight_version() == str(version)
+        assert_logprobs_match(new_model, prompts, engine.generate(prompts, SamplingParams(max_new_tokens=6)))
+        print(f"sglang gloo weight broadcast: {elapsed * 1e3:.1f} ms for {len(state)} tensors")
+    engine.destroy_weight_sync_group(group)
+    weight_broadcast.close(pg)
 
 
 def test_deterministic_inference_is_refused_on_cpu(tiny_path):

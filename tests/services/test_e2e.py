@@ -44,13 +44,15 @@ def model_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("model") / "tiny"
 
 
-@pytest.mark.parametrize("estimator", ["ploo", "rloo"])
-def test_reward_rises_above_chance(tmp_path, model_dir, estimator):
-    """ploo (PMD-partition) and rloo (PMD-mean) both learn a+b= mod 10 from chance; the
+@pytest.mark.parametrize("estimator, transport", [("ploo", "object_store"), ("rloo", "collective")])
+def test_reward_rises_above_chance(tmp_path, model_dir, estimator, transport):
+    """ploo (PMD-partition) and rloo (PMD-mean) both learn a+b= mod 10 from chance, with weights
+    reaching the generator through the object store and by broadcast from learner rank 0; the
     accounting holds and no group is trained twice (trained == steps x batch)."""
     steps = 900
     records = launch(tmp_path, estimator, f"trainer.total_steps={steps}", "trainer.save_freq=0",
-                     f"algorithm.adv_estimator={estimator}", model_dir=model_dir)
+                     f"algorithm.adv_estimator={estimator}", f"weight_sync.transport={transport}",
+                     model_dir=model_dir)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert REQUIRED_KEYS <= records[-1].keys()
     first = sum(r["reward/mean"] for r in records[:50]) / 50
@@ -63,6 +65,11 @@ def test_reward_rises_above_chance(tmp_path, model_dir, estimator):
         assert r["staleness/mean"] <= 1
     final = json.loads((tmp_path / estimator / "accounting.json").read_text())
     assert_accounting(final)
+    generator = final["generator"]
+    # Every step's weights reached the replica by this transport (it pulls between batches, so a
+    # fast learner may publish twice in one batch: most steps, not all, are pulled).
+    assert generator["weight_transport"] == transport and generator["policy_version"] >= steps - 5, generator
+    assert generator["weight_pulls"] >= steps // 2, generator
     assert (tmp_path / estimator / "final_hf" / "config.json").is_file()
 
 
