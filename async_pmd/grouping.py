@@ -264,6 +264,10 @@ class GroupStore:
         finish = [f for g in groups for f in g.finish_reasons]
         metrics = self._metrics(batch, r_len, learner_step - versions, finish)
         metrics["groups/band_zero_weight"] = float((~in_band).sum())
+        # Groups whose n rewards are all equal carry no advantage under any estimator: the share
+        # of the batch that cannot move the policy (a collapsed or solved policy drives it to 1).
+        grouped = rewards.reshape(len(groups), n)
+        metrics["groups/zero_signal"] = float((grouped.max(axis=1) == grouped.min(axis=1)).mean())
         return batch, metrics
 
     def _partition_weights(self, tlr, mask, index, rewards: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:

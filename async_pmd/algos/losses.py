@@ -213,6 +213,9 @@ def compute_policy_loss_opmd(
         "actor/pmd_kl": (-seq_log_ratio).mean(),
         "actor/ppo_kl": (-seq_log_ratio / length).mean(),
         "actor/seq_log_ratio_mean": seq_log_ratio.mean(),
+        # The regression's target a/τ against what the policy achieved, s = log π/π_old of the sequence.
+        "actor/opmd_target_abs_mean": (seq_adv / tau).abs().mean(),
+        "actor/opmd_residual_abs_mean": (seq_adv / tau - seq_log_ratio).abs().mean(),
         "actor/partition_weight_mean": seq_weight.mean(),
         "actor/pg_clipfrac": torch.zeros((), dtype=dtype),
         "actor/pg_clipfrac_lower": torch.zeros((), dtype=dtype),

@@ -125,6 +125,9 @@ def test_opmd_hand_worked():
     loss, metrics = opmd(old, new, adv, mask, "seq-mean-token-mean", actor_config(0.5))
     assert loss.item() == pytest.approx(0.06125)
     assert metrics["actor/pmd_kl"] == pytest.approx(-0.3) and metrics["actor/seq_log_ratio_mean"] == pytest.approx(0.3)
+    # target a/τ = 0.5/0.5 = 1, residual |1 − 0.3| = 0.7
+    assert metrics["actor/opmd_target_abs_mean"] == pytest.approx(1.0)
+    assert metrics["actor/opmd_residual_abs_mean"] == pytest.approx(0.7)
     weighted, metrics = opmd(old, new, adv, mask, "seq-mean-token-mean", actor_config(0.5), 2.0 * mask)
     assert weighted.item() == pytest.approx(0.1225) and metrics["actor/partition_weight_mean"] == pytest.approx(2.0)
 

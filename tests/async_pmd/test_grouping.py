@@ -174,6 +174,7 @@ def test_band_filter_weight_keeps_groups_at_weight_zero(lb, ub, weighted):
     want = np.array([by_uid[u] for u in tb.uids], np.float32)[:, None] * tb.response_mask
     np.testing.assert_array_equal(tb.partition_weights, want)
     assert metrics["groups/band_zero_weight"] == 3 - sum(weighted)
+    assert metrics["groups/zero_signal"] == pytest.approx(2 / 3)  # "zeros" and "ones": all rewards equal
     s.confirm(1)
     assert s.counters["trained"] == 3 and s.counters["filtered"] == 0
 
