@@ -1,19 +1,27 @@
 """The learning study: reward against samples and wall time, per estimator and per τ, over seeds.
 
-    .venv/bin/python ops/bench/learning_study.py [--steps 3000] [--seeds 0 1 2]
+    .venv/bin/python ops/bench/learning_study.py [--steps 3000] [--seeds 0 1 2 3 4]
         [--settings ploo rloo grpo ploo_tau0.1 ploo_tau0.01] [--out runs/learning_study]
-        [--window 20] [--plot-only] [--publish DIR] [key=value ...]
+        [--lrs 3e-5 1e-4 3e-4 --sweep-seeds 100 101] [--window 20] [--plot-only]
+        [--publish DIR] [key=value ...]
 
 Runs the demo config (`configs/cluster.yaml`, the full system through the real CLI) once per
 setting and seed, one run at a time, then reads each run's `metrics.jsonl` and writes to `--out`:
 
 - `learning_study.png`: smoothed reward against trained samples and against wall time for
   ploo + opmd, rloo + opmd and grpo + vanilla; response entropy against samples; and the τ sweep
-  of ploo + opmd. Lines are the mean over seeds, bands the min–max over seeds.
-- `learning_study.md`: samples and seconds to a smoothed reward of 0.8 and 0.9 (median and min
-  over seeds; a seed that never gets there counts as infinitely slow, so a median of "–" means
-  most seeds did not reach it), plus the final reward and entropy.
+  of ploo + opmd. Thick lines are the mean over seeds, bands the min–max, and every seed's own
+  curve is drawn thin, so one seed that collapses is visible.
+- `learning_study.md`: per setting, how many seeds reached a smoothed reward of 0.8 and 0.9, the
+  median and worst samples and seconds to get there (a seed that never gets there counts as
+  infinitely slow: a worst of "never" means some seed did not), the final reward and entropy,
+  and the final share of groups with all-equal rewards (`groups/zero_signal`, no signal left).
 - `summary.json`: the same numbers, machine-readable.
+
+With `--lrs`, each setting first runs at each learning rate on `--sweep-seeds` (seeds that are
+not the reported ones), the best rate per setting is chosen (most sweep seeds reaching 0.9, then
+the fewest median samples to it, then the highest final reward; `sweep.md` / `sweep.json`), and
+the reported `--seeds` run at that rate: every method is compared at its own best rate.
 
 A seed changes the tiny model's initialisation (`model.tiny.seed`, one model directory per seed),
 the data order (`data.seed`) and the learner's torch seed (`trainer.seed`); sampling is fresh
@@ -74,8 +82,8 @@ FINAL_STEPS = 100  # the final reward and entropy are means over the last this m
 # ---------------------------------------------------------------- running
 
 
-def run_name(setting: str, seed: int) -> str:
-    return f"{setting}_s{seed}"
+def run_name(setting: str, seed: int, lr: float | None = None) -> str:
+    return f"{setting}_s{seed}" if lr is None else f"{setting}_lr{lr:g}_s{seed}"
 
 
 def completed_steps(run_dir: Path) -> int:
@@ -85,9 +93,9 @@ def completed_steps(run_dir: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if '"reward/mean"' in line)
 
 
-def launch(out: Path, setting: str, seed: int, steps: int, extra: list[str]) -> float:
+def launch(out: Path, setting: str, seed: int, steps: int, extra: list[str], lr: float | None = None) -> float:
     """One run through the CLI; its console goes to out/logs/<run>.log. Returns wall seconds."""
-    name = run_name(setting, seed)
+    name = run_name(setting, seed, lr)
     run_dir = out / "runs" / name
     if run_dir.exists():  # an unfinished earlier attempt: start clean (metrics.jsonl appends)
         shutil.rmtree(run_dir)
@@ -97,7 +105,7 @@ def launch(out: Path, setting: str, seed: int, steps: int, extra: list[str]) -> 
            f"trainer.total_steps={steps}", "trainer.save_freq=0", "trainer.resume=disable",
            "checkpoint.export_hf=false", "metrics.enabled=false",
            f"model.path={out / 'models' / f'tiny_s{seed}'}", f"model.tiny.seed={seed}",
-           f"trainer.seed={seed}", f"data.seed={seed}", *extra]
+           f"trainer.seed={seed}", f"data.seed={seed}", *([f"actor.lr={lr}"] if lr is not None else []), *extra]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(out / "logs" / f"{name}.log", "w") as log:
@@ -126,6 +134,7 @@ def load_run(run_dir: Path) -> dict[str, np.ndarray]:
         "seconds": np.array([r["time/elapsed_s"] - t0 for r in records], np.float64),
         "reward": np.array([r["reward/mean"] for r in records], np.float64),
         "entropy": np.array([r.get("actor/entropy", math.nan) for r in records], np.float64),
+        "zero_signal": np.array([r.get("groups/zero_signal", math.nan) for r in records], np.float64),
     }
 
 
@@ -151,13 +160,15 @@ def first_reaching(run: dict[str, np.ndarray], threshold: float, window: int) ->
 # ---------------------------------------------------------------- summarising
 
 
-def _median_min(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Median and min over seeds; a seed that never reached counts as +inf (None if the result is)."""
+def _stats(values: list[float | None]) -> dict[str, float | None]:
+    """Median, min and worst (max) over seeds; a seed that never reached counts as +inf, and an
+    infinite result is None."""
     finite = [v for v in values if v is not None]
     if not finite:
-        return None, None
+        return {"median": None, "min": None, "worst": None}
     med = statistics.median([math.inf if v is None else v for v in values])
-    return (None if math.isinf(med) else med), min(finite)
+    return {"median": None if math.isinf(med) else med, "min": min(finite),
+            "worst": max(finite) if len(finite) == len(values) else None}
 
 
 def summarize(runs: dict[str, list[dict[str, np.ndarray]]], window: int) -> dict[str, dict]:
@@ -170,41 +181,59 @@ def summarize(runs: dict[str, list[dict[str, np.ndarray]]], window: int) -> dict
             hits = [first_reaching(r, th, window) for r in seeds]
             row[f"reached_{th}"] = sum(h is not None for h in hits)
             for j, unit in enumerate(("samples", "seconds")):
-                med, low = _median_min([None if h is None else h[j] for h in hits])
-                row[f"{unit}_to_{th}"] = {"median": med, "min": low}
-        row["final_reward"] = float(np.mean([r["reward"][-FINAL_STEPS:].mean() for r in seeds]))
+                row[f"{unit}_to_{th}"] = _stats([None if h is None else h[j] for h in hits])
+        finals = [float(r["reward"][-FINAL_STEPS:].mean()) for r in seeds]
+        row["final_reward"] = float(np.mean(finals))
+        row["final_reward_worst"] = float(min(finals))
         row["final_entropy"] = float(np.mean([np.nanmean(r["entropy"][-FINAL_STEPS:]) for r in seeds]))
+        zero = [r["zero_signal"][-FINAL_STEPS:] for r in seeds if np.isfinite(r["zero_signal"]).any()]
+        row["final_zero_signal"] = float(np.mean([np.nanmean(z) for z in zero])) if zero else None
         summary[setting] = row
     return summary
 
 
+def _value(v: float | None, unit: str, never: str) -> str:
+    if v is None:
+        return never
+    return f"{v / 1e3:,.0f} k" if unit == "samples" else f"{v:,.0f} s"
+
+
 def _fmt(stat: dict, unit: str) -> str:
-    if stat["median"] is None and stat["min"] is None:
+    if stat["min"] is None:
         return "–"
-    med = "–" if stat["median"] is None else (f"{stat['median'] / 1e3:,.0f} k" if unit == "samples"
-                                                else f"{stat['median']:,.0f} s")
-    low = f"{stat['min'] / 1e3:,.0f} k" if unit == "samples" else f"{stat['min']:,.0f} s"
-    return f"{med} ({low})"
+    return f"{_value(stat['median'], unit, '–')} / {_value(stat['worst'], unit, 'never')}"
 
 
 def table_markdown(summary: dict[str, dict], window: int) -> str:
     head = ["setting", "seeds × steps"]
     for th in THRESHOLDS:
-        head += [f"samples to {th}", f"seconds to {th}"]
-    head += ["final reward", "final entropy"]
+        head += [f"reached {th}", f"samples to {th}", f"seconds to {th}"]
+    head += ["final reward (worst seed)", "final entropy", "final zero-signal groups"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary.values():
         cells = [row["label"], f"{row['seeds']} × {row['steps']:,}"]
         for th in THRESHOLDS:
-            reached = f" [{row[f'reached_{th}']}/{row['seeds']}]"
-            cells += [_fmt(row[f"samples_to_{th}"], "samples") + reached, _fmt(row[f"seconds_to_{th}"], "seconds")]
-        cells += [f"{row['final_reward']:.3f}", f"{row['final_entropy']:.3f}"]
+            cells += [f"{row[f'reached_{th}']}/{row['seeds']}", _fmt(row[f"samples_to_{th}"], "samples"),
+                      _fmt(row[f"seconds_to_{th}"], "seconds")]
+        zero = "–" if row.get("final_zero_signal") is None else f"{row['final_zero_signal']:.2f}"
+        cells += [f"{row['final_reward']:.3f} ({row['final_reward_worst']:.3f})", f"{row['final_entropy']:.3f}", zero]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Median (min) over seeds of the first step at which the reward, smoothed by a trailing "
-                 f"{window}-step mean, reaches the threshold; [k/N] = seeds that reached it. Final = mean "
-                 f"of the last {FINAL_STEPS} steps, averaged over seeds.")
+    lines.append(f"Median / worst over seeds of the first step at which the reward, smoothed by a trailing "
+                 f"{window}-step mean, reaches the threshold (a seed that never does counts as infinitely "
+                 f"slow: \"never\" = some seed did not, \"–\" = no seed did). Final = mean of the last "
+                 f"{FINAL_STEPS} steps, averaged over seeds (worst seed in brackets).")
     return "\n".join(lines) + "\n"
+
+
+def best_lr(runs_by_lr: dict[float, list[dict[str, np.ndarray]]], window: int) -> float:
+    """The rate whose sweep runs did best: most seeds reaching 0.9, then the fewest median samples
+    to it (never = infinite), then the highest mean final reward."""
+    def score(lr):
+        row = summarize({"_": runs_by_lr[lr]}, window)["_"]
+        median = row["samples_to_0.9"]["median"]
+        return (-row["reached_0.9"], math.inf if median is None else median, -row["final_reward"])
+    return min(runs_by_lr, key=score)
 
 
 # ---------------------------------------------------------------- plotting
@@ -224,8 +253,11 @@ def _panel(ax, runs, settings, x_key, y_key, window, labels, xscale=1.0):
         if setting not in runs:
             continue
         x, mean, low, high = _band(runs[setting], x_key, y_key, window)
-        line, = ax.plot(x / xscale, mean, label=f"{labels[setting]} (n={len(runs[setting])})")
-        ax.fill_between(x / xscale, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        line, = ax.plot(x / xscale, mean, linewidth=2, label=f"{labels[setting]} (n={len(runs[setting])})")
+        ax.fill_between(x / xscale, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        for run in runs[setting]:  # each seed, so that a collapse is not averaged away
+            ax.plot(run[x_key] / xscale, smooth(run[y_key], window), color=line.get_color(), linewidth=0.6,
+                    alpha=0.6)
     ax.grid(alpha=0.3)
 
 
@@ -264,21 +296,66 @@ def plot(runs: dict[str, list[dict[str, np.ndarray]]], path: Path, window: int, 
 # ---------------------------------------------------------------- main
 
 
-def collect(out: Path, settings: list[str], seeds: list[int], steps: int) -> dict[str, list[dict[str, np.ndarray]]]:
-    """The runs that finished `steps` learner steps (one still running, or cut short, is left out)."""
+def collect(out: Path, settings: list[str], seeds: list[int], steps: int,
+            lrs: dict[str, float | None] | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The runs that finished `steps` learner steps (one still running, or cut short, is left out);
+    `lrs` names each setting's rate (None: the config's)."""
     runs: dict[str, list] = {}
     for setting in settings:
         for seed in seeds:
-            run_dir = out / "runs" / run_name(setting, seed)
+            run_dir = out / "runs" / run_name(setting, seed, (lrs or {}).get(setting))
             if completed_steps(run_dir) >= steps:
                 runs.setdefault(setting, []).append(load_run(run_dir))
     return runs
 
 
+def run_all(out: Path, settings: list[str], seeds: list[int], steps: int, extra: list[str],
+            lrs: dict[str, float | None]) -> None:
+    for seed in seeds:  # seed-major: a study cut short still has every setting
+        for setting in settings:
+            lr = lrs.get(setting)
+            name = run_name(setting, seed, lr)
+            if completed_steps(out / "runs" / name) >= steps:
+                print(f"{name}: done already", flush=True)
+                continue
+            print(f"{name}: {launch(out, setting, seed, steps, extra, lr):.0f} s", flush=True)
+
+
+def sweep(out: Path, args) -> dict[str, float]:
+    """Each setting at each of `args.lrs` on the sweep seeds; returns the best rate per setting."""
+    for lr in args.lrs:
+        if not args.plot_only:
+            run_all(out, args.settings, args.sweep_seeds, args.steps, args.overrides, dict.fromkeys(args.settings, lr))
+    chosen, table = {}, {}
+    for setting in args.settings:
+        by_lr = {lr: collect(out, [setting], args.sweep_seeds, args.steps, {setting: lr}).get(setting, [])
+                 for lr in args.lrs}
+        by_lr = {lr: runs for lr, runs in by_lr.items() if runs}
+        if not by_lr:
+            continue
+        chosen[setting] = best_lr(by_lr, args.window)
+        table[setting] = {f"{lr:g}": summarize({"_": runs}, args.window)["_"] for lr, runs in by_lr.items()}
+    lines = ["| setting | lr | sweep seeds | reached 0.9 | median samples to 0.9 | final reward | chosen |",
+             "|---|---|---|---|---|---|---|"]
+    for setting, rows in table.items():
+        for lr, row in rows.items():
+            median = row["samples_to_0.9"]["median"]
+            lines.append(f"| {SETTINGS[setting][0]} | {lr} | {row['seeds']} | "
+                         f"{row['reached_0.9']}/{row['seeds']} | {_value(median, 'samples', '–')} | "
+                         f"{row['final_reward']:.3f} | {'yes' if float(lr) == chosen[setting] else ''} |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    (out / "sweep.json").write_text(json.dumps({"chosen": chosen, "runs": table}, indent=1))
+    print("\n".join(lines))
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000, help="learner steps per run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="sweep these learning rates on --sweep-seeds and report each setting at its best")
+    parser.add_argument("--sweep-seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "learning_study")
     parser.add_argument("--window", type=int, default=20, help="steps in the trailing reward mean")
@@ -289,20 +366,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.lrs and set(args.seeds) & set(args.sweep_seeds):
+        parser.error("--sweep-seeds must not be among the reported --seeds")
+    lrs: dict[str, float | None] = sweep(out, args) if args.lrs else {}
     if not args.plot_only:
-        for seed in args.seeds:  # seed-major: a study cut short still has every setting
-            for setting in args.settings:
-                run_dir = out / "runs" / run_name(setting, seed)
-                if completed_steps(run_dir) >= args.steps:
-                    print(f"{run_name(setting, seed)}: done already", flush=True)
-                    continue
-                seconds = launch(out, setting, seed, args.steps, args.overrides)
-                print(f"{run_name(setting, seed)}: {seconds:.0f} s", flush=True)
-    runs = collect(out, args.settings, args.seeds, args.steps)
+        run_all(out, args.settings, args.seeds, args.steps, args.overrides, lrs)
+    runs = collect(out, args.settings, args.seeds, args.steps, lrs)
     if not runs:
         print(f"no runs under {out / 'runs'}", file=sys.stderr)
         return 1
     summary = summarize(runs, args.window)
+    for setting, lr in lrs.items():
+        if setting in summary:
+            summary[setting]["lr"] = lr
+            summary[setting]["label"] += f", lr {lr:g}"
     table = table_markdown(summary, args.window)
     (out / "learning_study.md").write_text(table)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -315,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'learning_study.png'}, {out / 'learning_study.md'}, {out / 'summary.json'}")
     if args.publish is not None:
         args.publish.mkdir(parents=True, exist_ok=True)
-        for name in ("learning_study.png", "learning_study.md", "summary.json"):
+        for name in ("learning_study.png", "learning_study.md", "summary.json", *(("sweep.md", "sweep.json") if lrs else ())):
             shutil.copy2(out / name, args.publish / name)
         print(f"copied them to {args.publish}")
     return 0

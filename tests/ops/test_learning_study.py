@@ -19,10 +19,11 @@ study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study)
 
 
-def fake_run(rewards, samples_per_step=256, seconds_per_step=0.1, entropy=1.0) -> dict:
+def fake_run(rewards, samples_per_step=256, seconds_per_step=0.1, entropy=1.0, zero_signal=0.5) -> dict:
     steps = np.arange(1, len(rewards) + 1)
     return {"step": steps, "samples": steps * float(samples_per_step), "seconds": steps * seconds_per_step,
-            "reward": np.asarray(rewards, np.float64), "entropy": np.full(len(rewards), entropy)}
+            "reward": np.asarray(rewards, np.float64), "entropy": np.full(len(rewards), entropy),
+            "zero_signal": np.full(len(rewards), zero_signal)}
 
 
 def test_smooth_is_a_trailing_mean():
@@ -42,18 +43,29 @@ def test_first_reaching_uses_the_smoothed_reward():
     assert study.first_reaching(run, 1.5, 2) is None
 
 
-def test_summary_median_and_min_over_seeds():
+def test_summary_median_and_worst_over_seeds():
     """Three seeds reach 0.8 at steps 2, never, 4 (window 1): sorted samples 512, 1024, inf ->
-    median 1024, min 512, 2/3 reached. 0.9 only by one seed: median inf -> None, min kept."""
+    median 1024, min 512, worst "never" (a seed did not get there), 2/3 reached. 0.9 only by one
+    seed: median inf -> None. Two seeds that both reach: worst is the slower one."""
     runs = {"ploo": [fake_run([0, 0.85, 0.95]), fake_run([0, 0, 0, 0]), fake_run([0, 0, 0, 0.8])]}
     row = study.summarize(runs, window=1)["ploo"]
     assert row["reached_0.8"] == 2 and row["seeds"] == 3 and row["steps"] == 3
-    assert row["samples_to_0.8"] == {"median": 1024.0, "min": 512.0}
+    assert row["samples_to_0.8"] == {"median": 1024.0, "min": 512.0, "worst": None}
     assert row["seconds_to_0.8"]["median"] == pytest.approx(0.4)
-    assert row["reached_0.9"] == 1 and row["samples_to_0.9"] == {"median": None, "min": 768.0}
+    assert row["reached_0.9"] == 1 and row["samples_to_0.9"] == {"median": None, "min": 768.0, "worst": None}
+    assert row["final_reward_worst"] == pytest.approx(0.0) and row["final_zero_signal"] == pytest.approx(0.5)
     table = study.table_markdown(study.summarize(runs, window=1), window=1)
-    assert "| ploo + opmd (τ 1) | 3 × 3 | 1 k (1 k) [2/3] |" in table
-    assert "– (1 k) [1/3]" in table
+    assert "| ploo + opmd (τ 1) | 3 × 3 | 2/3 | 1 k / never |" in table
+    assert "| 1/3 | – / never |" in table
+    both = study.summarize({"ploo": [fake_run([0, 0.85]), fake_run([0, 0, 0, 0.9])]}, window=1)["ploo"]
+    assert both["samples_to_0.8"] == {"median": 768.0, "min": 512.0, "worst": 1024.0}
+
+
+def test_best_lr_prefers_reaching_then_speed_then_final_reward():
+    fast, slow, never = fake_run([0, 0.95]), fake_run([0, 0, 0, 0.95]), fake_run([0, 0.5, 0.6])
+    assert study.best_lr({1e-4: [slow, slow], 3e-4: [fast, never]}, window=1) == 1e-4  # 2/2 beats 1/2
+    assert study.best_lr({1e-4: [slow, slow], 3e-4: [fast, fast]}, window=1) == 3e-4  # then fewer samples
+    assert study.best_lr({1e-4: [fake_run([0, 0.5])], 3e-4: [never]}, window=1) == 3e-4  # then final reward
 
 
 def test_plot_writes_a_small_png(tmp_path):
@@ -66,15 +78,22 @@ def test_plot_writes_a_small_png(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_study_through_the_cli(tmp_path):
-    """Two settings, one seed, a few steps each: real runs of the demo config, then the plot, the
-    table and the summary; a second call finds the runs done and only redraws."""
-    args = [sys.executable, str(SCRIPT), "--steps", "3", "--seeds", "0", "--settings", "ploo", "grpo",
-            "--window", "2", "--out", str(tmp_path)]
+    """One setting swept over two learning rates on a sweep seed, then reported on another seed at
+    the chosen rate, a few steps each: real runs of the demo config, then the plot, the tables and
+    the summary; a second call finds the runs done and only redraws."""
+    args = [sys.executable, str(SCRIPT), "--steps", "3", "--seeds", "0", "--settings", "ploo",
+            "--lrs", "1e-4", "3e-4", "--sweep-seeds", "7", "--window", "2", "--out", str(tmp_path)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sorted(sweep["runs"]["ploo"]) == ["0.0001", "0.0003"] and sweep["chosen"]["ploo"] in (1e-4, 3e-4)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert sorted(summary) == ["grpo", "ploo"] and all(r["steps"] == 3 for r in summary.values())
+    assert sorted(summary) == ["ploo"] and summary["ploo"]["steps"] == 3
+    assert summary["ploo"]["lr"] == sweep["chosen"]["ploo"]
+    assert (tmp_path / "runs" / f"ploo_lr{sweep['chosen']['ploo']:g}_s0" / "metrics.jsonl").is_file()
     assert (tmp_path / "learning_study.png").stat().st_size < 200_000
-    assert "grpo + vanilla" in (tmp_path / "learning_study.md").read_text()
+    assert "ploo + opmd (τ 1), lr" in (tmp_path / "learning_study.md").read_text()
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done already") == 2
+    assert again.returncode == 0 and again.stdout.count("done already") == 3
+    refused = subprocess.run([*args[:5], "7", *args[6:]], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "must not be among the reported" in refused.stderr
