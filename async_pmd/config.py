@@ -156,6 +156,20 @@ class ValKwargs(Section):
     """False = greedy decoding (temperature 0), whatever `temperature` says."""
 
 
+class PartialRolloutConfig(Section):
+    """Kimi K1.5's partial rollouts: a response unfinished after `segment_tokens` new tokens goes
+    back to the driver with its tokens, log-probs and weight version, and is continued (prompt +
+    tokens so far) in a later request, possibly with newer weights."""
+
+    enable: bool = False
+    segment_tokens: int = Field(16, ge=1)
+    """New tokens one request generates per response at most (tokens)."""
+    max_segment_staleness: int | None = Field(None, ge=0)
+    """A response whose first segment is more than this many versions older than the published
+    weights is restarted from the prompt (learner steps); None = buffer.max_staleness, the bound
+    past which its group would be dropped as stale at the buffer anyway (validated <= it)."""
+
+
 class GeneratorConfig(Section):
     engine: Literal["torch", "sglang", "vllm"] = "torch"
     """Inference engine: `torch` (CPU default), `sglang` or `vllm` (their own venvs: `bash ops/setup.sh --sglang|--vllm`)."""
@@ -199,6 +213,7 @@ class GeneratorConfig(Section):
     """Context length the engine allocates for (prompt + response); None = the model's."""
     sglang: SGLangSpec = SGLangSpec()
     vllm: VLLMSpec = VLLMSpec()
+    partial_rollout: PartialRolloutConfig = PartialRolloutConfig()
 
 
 class OverlongBuffer(Section):
@@ -444,7 +459,19 @@ class ClusterConfig(Section):
                              "(data.train_batch_size + generator.prompts_per_request)")
         if self.actor.ppo_mini_batch_size and self.data.train_batch_size % self.actor.ppo_mini_batch_size:
             raise ValueError("actor.ppo_mini_batch_size must divide data.train_batch_size")
+        cap = self.generator.partial_rollout.max_segment_staleness
+        if cap is not None and cap > self.buffer.max_staleness:
+            raise ValueError(
+                f"generator.partial_rollout.max_segment_staleness ({cap}) must be <= buffer.max_staleness "
+                f"({self.buffer.max_staleness}): a response continued from an older first segment makes "
+                "its group stale at the buffer, which drops it")
         return self
+
+    @property
+    def segment_staleness_cap(self) -> int:
+        """Versions a response's first segment may lag the published weights before a restart."""
+        cap = self.generator.partial_rollout.max_segment_staleness
+        return self.buffer.max_staleness if cap is None else cap
 
     @model_validator(mode="after")
     def _validation_and_overlong(self):
