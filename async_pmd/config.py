@@ -467,12 +467,6 @@ class ClusterConfig(Section):
                 "its group stale at the buffer, which drops it")
         return self
 
-    @property
-    def segment_staleness_cap(self) -> int:
-        """Versions a response's first segment may lag the published weights before a restart."""
-        cap = self.generator.partial_rollout.max_segment_staleness
-        return self.buffer.max_staleness if cap is None else cap
-
     @model_validator(mode="after")
     def _validation_and_overlong(self):
         t = self.trainer
