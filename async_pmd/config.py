@@ -83,7 +83,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: Literal["synthetic", "jsonl", "parquet"] = "synthetic"
     """Where prompts come from."""
-    task: Literal["add_mod10", "reverse", "gsm_tiny"] = "add_mod10"
+    task: Literal["add_mod10", "reverse", "gsm_tiny", "longtail"] = "add_mod10"
     """Built-in synthetic task (source=synthetic)."""
     train_files: list[str] = []
     """Local jsonl/parquet files (source=jsonl|parquet)."""
