@@ -78,7 +78,7 @@ class RolloutDriver:
         self._pool = PartialPool(n=generator.n, response_length=generator.response_length,
                                  max_segment_staleness=cap, seed=seed) if partial.enable else None
         self._rows_ids = itertools.count()  # request ids of rows-mode requests
-        self._resumed_partial = 0  # open groups restored from the checkpoint (continued, not redrawn)
+        self._resumed = {"resumed_groups": 0, "resumed_tokens": 0}  # open groups restored from a checkpoint
         self._fates = FateRecord()  # one fate per prompt drawn, by dispatch ordinal
         self._pending: list[tuple[str, Prompt]] = []  # restored from a checkpoint; re-issued first
         self._generator = serve.get_deployment_handle(names.GENERATOR_DEPLOYMENT, app_name=names.GENERATOR_APP)
@@ -162,7 +162,7 @@ class RolloutDriver:
                 if uid in restored:
                     self._ledger.open([prompt], [uid], already_dispatched=True)
             self._pending = [(u, p) for u, p in self._pending if u not in restored]
-            self._resumed_partial = len(restored)
+            self._resumed = {"resumed_groups": len(restored), "resumed_tokens": self._pool.saved_tokens()}
 
     # ------------------------------------------------------------------ helpers
 
@@ -262,7 +262,7 @@ class RolloutDriver:
         if self._pool is None:
             return {}
         return {**self._pool.stats, "open_groups": len(self._pool), "queued_rows": self._pool.queued_rows,
-                "resumed_groups": self._resumed_partial}
+                **self._resumed}
 
     async def _next_rows_request(self) -> RowsRequest | None:
         """Unfinished rows first (oldest group first); room left in the request's k·n rows takes
