@@ -10,6 +10,10 @@ Log-probs are those of the distribution each token was drawn from (π_old of the
     greedy (T = 0):  log_softmax(logits)[argmax]   (untempered, unmasked: the SGLang convention)
 Top-k keeps every token tied with the k-th value; top-p keeps the smallest prefix of the sorted
 distribution whose mass reaches p (a token is dropped when the mass before it exceeds p).
+
+Randomness is keyed, not streamed: row r's token at response position t is drawn by inverse CDF
+at a uniform that is a hash of (the row's key, t), so a response continued later from its prompt
++ tokens so far (partial rollouts) samples what it would have sampled uninterrupted.
 """
 
 from __future__ import annotations
