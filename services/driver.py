@@ -300,7 +300,7 @@ class RolloutDriver:
                 segments = await self._generate_rows(request)
                 break
             except Exception as exc:  # noqa: BLE001 - classified and counted as in _run_request
-                if not self._retryable(request, exc):
+                if not self._retryable(request.request_id, request.attempt, exc):
                     self._pool.fail(request.uids)
                     self._fail(request.uids)
                     return
@@ -334,18 +334,18 @@ class RolloutDriver:
                     self._fail(uids)
                 return
             except Exception as exc:  # noqa: BLE001 - classified and counted as in _run_request
-                if not self._retryable(RowsRequest(request_id, [], attempt), exc):
+                if not self._retryable(request_id, attempt, exc):
                     self._fail(uids)
                     return
 
-    def _retryable(self, request, exc: BaseException) -> bool:
+    def _retryable(self, request_id: int, attempt: int, exc: BaseException) -> bool:
         """Count a failed attempt; whether to try it again."""
         self._failures[type(exc).__name__] += 1
-        logger.warning("request %d attempt %d failed: %r", request.request_id, request.attempt, exc)
+        logger.warning("request %d attempt %d failed: %r", request_id, attempt, exc)
         if _failure_kind(exc) is None:
             self._stats["deterministic_failures"] += 1
             return False
-        if request.attempt >= self._cfg.max_attempts:
+        if attempt >= self._cfg.max_attempts:
             return False
         self._stats["retries"] += 1
         return True

@@ -34,7 +34,7 @@ def run(out: Path, name: str, train_s: float, extra: list[str]) -> tuple[list[di
     cmd = [sys.executable, "-m", "async_pmd.launch", str(REPO / "configs" / "longtail.yaml"),
            f"trainer.output_dir={out}", f"trainer.experiment_name=partial_{name}", f"trainer.total_minutes={minutes}",
            f"model.path={out / 'model'}", *COMMON, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode:
         sys.exit(f"{name}: the run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -68,9 +68,10 @@ def measure(records: list[dict], summary: dict, train_s: float, n: int) -> dict:
 
 
 def table(results: dict, train_s: float, segment: int) -> str:
-    rows = ["| partial rollouts | steps | trained samples/s | generator busy | learner idle | mean staleness "
-            "| segments / response | tokens under an older version | mean response length | reward (last 20 steps) "
-            "| restarts | accounting exact |", "|---" * 12 + "|"]
+    header = ("| partial rollouts | steps | trained samples/s | generator busy | learner idle | mean staleness "
+              "| segments / response | tokens under an older version | mean response length | reward (last 20 steps) "
+              "| restarts | accounting exact |")
+    rows = [header, "|---" * 12 + "|"]
     for name, m in results.items():
         rows.append(f"| {name} | {m['steps']} | {m['samples_s']:,} | {m['generator_busy']:.0%} | {m['learner_idle']:.0%} "
                     f"| {m['staleness']} | {m['segments_per_response']} | {m['old_version_token_share']:.1%} "

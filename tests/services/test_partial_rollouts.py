@@ -100,7 +100,7 @@ def test_sigkill_then_resume_continues_the_saved_partial_responses(tmp_path, mod
     assert [r["step"] for r in records] == list(range(1, 41))
     for r in resumed:
         assert_accounting(r)
-    audit = subprocess.run([sys.executable, "-m", "async_pmd.audit", str(second.run_dir)], cwd=REPO,
+    audit = subprocess.run([sys.executable, "-m", "async_pmd.audit", str(second.run_dir)], check=False, cwd=REPO,
                            capture_output=True, text=True, timeout=120)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "trained 640" in audit.stdout, audit.stdout
