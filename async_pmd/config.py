@@ -83,7 +83,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: Literal["synthetic", "jsonl", "parquet"] = "synthetic"
     """Where prompts come from."""
-    task: Literal["add_mod10", "reverse", "gsm_tiny"] = "add_mod10"
+    task: Literal["add_mod10", "reverse", "gsm_tiny", "longtail"] = "add_mod10"
     """Built-in synthetic task (source=synthetic)."""
     train_files: list[str] = []
     """Local jsonl/parquet files (source=jsonl|parquet)."""
@@ -156,6 +156,20 @@ class ValKwargs(Section):
     """False = greedy decoding (temperature 0), whatever `temperature` says."""
 
 
+class PartialRolloutConfig(Section):
+    """Kimi K1.5's partial rollouts: a response unfinished after `segment_tokens` new tokens goes
+    back to the driver with its tokens, log-probs and weight version, and is continued (prompt +
+    tokens so far) in a later request, possibly with newer weights."""
+
+    enable: bool = False
+    segment_tokens: int = Field(16, ge=1)
+    """New tokens one request generates per response at most (tokens)."""
+    max_segment_staleness: int | None = Field(None, ge=0)
+    """A response whose first segment is more than this many versions older than the published
+    weights is restarted from the prompt (learner steps); None = buffer.max_staleness, the bound
+    past which its group would be dropped as stale at the buffer anyway (validated <= it)."""
+
+
 class GeneratorConfig(Section):
     engine: Literal["torch", "sglang", "vllm"] = "torch"
     """Inference engine: `torch` (CPU default), `sglang` or `vllm` (their own venvs: `bash ops/setup.sh --sglang|--vllm`)."""
@@ -199,6 +213,7 @@ class GeneratorConfig(Section):
     """Context length the engine allocates for (prompt + response); None = the model's."""
     sglang: SGLangSpec = SGLangSpec()
     vllm: VLLMSpec = VLLMSpec()
+    partial_rollout: PartialRolloutConfig = PartialRolloutConfig()
 
 
 class OverlongBuffer(Section):
@@ -462,6 +477,12 @@ class ClusterConfig(Section):
                     "weight_sync.transport=collective needs the learner and the generators on the same kind of "
                     f"device (learner.num_gpus_per_rank={self.learner.num_gpus_per_rank}, generator.num_gpus="
                     f"{self.generator.num_gpus}): one broadcast group is NCCL on GPUs or gloo on CPUs")
+        cap = self.generator.partial_rollout.max_segment_staleness
+        if cap is not None and cap > self.buffer.max_staleness:
+            raise ValueError(
+                f"generator.partial_rollout.max_segment_staleness ({cap}) must be <= buffer.max_staleness "
+                f"({self.buffer.max_staleness}): a response continued from an older first segment makes "
+                "its group stale at the buffer, which drops it")
         return self
 
     @model_validator(mode="after")

@@ -50,6 +50,19 @@ def _pad(flat: np.ndarray, lengths: np.ndarray, width: int, *, left: bool, fill,
     return out
 
 
+def segment_metrics(groups: list[ScoredGroup]) -> dict[str, float]:
+    """Partial rollouts: segments per response, and the share of response tokens sampled under a
+    version older than their response's last segment (1 segment each, and 0, without them)."""
+    counts, old, total = [], 0, 0
+    for g in groups:
+        for lengths, versions in zip(*g.segments()):
+            counts.append(len(lengths))
+            old += int(lengths[versions < versions[-1]].sum())
+            total += int(lengths.sum())
+    return {"partial/segments_per_response": float(np.mean(counts)),
+            "partial/old_version_token_share": old / max(total, 1)}
+
+
 def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
     return float((x * mask).sum() / max(mask.sum(), 1.0))
 
@@ -263,6 +276,7 @@ class GroupStore:
                            policy_versions=versions, uids=uids, learner_step=int(learner_step))
         finish = [f for g in groups for f in g.finish_reasons]
         metrics = self._metrics(batch, r_len, learner_step - versions, finish)
+        metrics.update(segment_metrics(groups))
         metrics["groups/band_zero_weight"] = float((~in_band).sum())
         # Groups whose n rewards are all equal carry no advantage under any estimator: the share
         # of the batch that cannot move the policy (a collapsed or solved policy drives it to 1).

@@ -55,3 +55,5 @@ class DriverStatus:
     failures: dict[str, int]
     """Failed request attempts by exception type (e.g. RayActorError, TimeoutError)."""
     buffer: BufferStatus
+    partial: dict[str, int] = field(default_factory=dict)
+    """Partial rollouts' counters (restarts, segments, open groups, ...); empty when they are off."""

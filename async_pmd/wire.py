@@ -5,7 +5,8 @@ so bad data never leaves a producer and bad bytes are refused at the consumer wi
 that names the field. Nothing is pickled and nothing executes code on decode.
 
     GenerationRequest  driver -> generator
-    RolloutBatch   generator -> scorer
+    SegmentBatch   generator -> driver (partial rollouts: one segment per response row)
+    RolloutBatch   generator -> scorer (or driver -> scorer, groups assembled from segments)
     ScoredBatch    scorer -> GroupBuffer
     TrainBatch     GroupBuffer -> learner
     NamedTensors   learner -> WeightStore -> generators
@@ -37,12 +38,12 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "FINISH_REASONS", "FORMAT_VERSION", "GenerationRequest", "MAGIC", "NamedTensors",
-    "RolloutBatch", "RolloutGroup", "ScoredBatch", "ScoredGroup", "TrainBatch", "WireError",
+    "RolloutBatch", "RolloutGroup", "ScoredBatch", "ScoredGroup", "SegmentBatch", "TrainBatch", "WireError",
     "decode", "encode", "encode_array", "named_tensors_to_wire",
 ]
 
 MAGIC = b"APMD"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rollout groups carry their segments
 # Batches stay far below this; weights are larger and their callers pass their own max_bytes.
 DEFAULT_MAX_BYTES = 256 * 2**20
 FINISH_REASONS = frozenset({"stop", "length", "abort"})
@@ -174,6 +175,11 @@ class RolloutGroup:
     logprobs[j] is float32[L_j], finite (the behaviour policy's log-probs, the OPMD anchor);
     finish_reasons are in FINISH_REASONS; policy_version >= 0 is the weights that sampled it;
     sample_index >= 0 is the prompt's position in its data source; extra holds scalars only.
+
+    Segments (partial rollouts): response j was sampled in pieces, segment_lengths[j] int32[S_j]
+    tokens each (S_j >= 1, summing to L_j) under segment_versions[j] int64[S_j]; policy_version is
+    then the oldest segment's version, which the buffer's staleness uses. None (the default) is
+    one segment per response at policy_version, and decoding gives None for exactly that case.
     """
 
     uid: str
@@ -187,10 +193,19 @@ class RolloutGroup:
     answer: str
     sample_index: int
     extra: dict = field(default_factory=dict)
+    segment_lengths: list[np.ndarray] | None = None
+    segment_versions: list[np.ndarray] | None = None
 
     @property
     def n(self) -> int:
         return len(self.response_ids)
+
+    def segments(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(segment_lengths, segment_versions), one entry per response (see the class docstring)."""
+        if self.segment_lengths is not None and self.segment_versions is not None:
+            return self.segment_lengths, self.segment_versions
+        return ([np.array([len(r)], np.int32) for r in self.response_ids],
+                [np.array([self.policy_version], np.int64) for _ in self.response_ids])
 
     @property
     def response_lengths(self) -> np.ndarray:
@@ -223,7 +238,7 @@ class ScoredGroup(RolloutGroup):
 _PER_GROUP = ("uid", "policy_version", "sample_index", "prompt_text", "answer", "extra")
 _PER_RESPONSE = ("finish_reasons", "response_texts")
 _GROUP_ARRAYS = ("prompt_tokens", "prompt_offsets", "response_tokens", "logprobs",
-                 "response_offsets")
+                 "response_offsets", "segment_lengths", "segment_versions", "segment_offsets")
 
 
 def _columns(scored: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -260,6 +275,14 @@ def _check_group_shapes(where: str, g: RolloutGroup, scored: bool) -> None:
         _array(f"{where}.logprobs[{j}]", lp, np.float32, (len(ids),))
     if scored:
         _array(f"{where}.rewards", g.rewards, np.float32, (n,))
+    if (g.segment_lengths is None) != (g.segment_versions is None):
+        _fail(f"{where}.segment_lengths", "segment_lengths and segment_versions come together")
+    lengths, versions = g.segments()
+    _list(f"{where}.segment_lengths", lengths, n)
+    _list(f"{where}.segment_versions", versions, n)
+    for j, (ls, vs) in enumerate(zip(lengths, versions)):
+        _array(f"{where}.segment_lengths[{j}]", ls, np.int32, (None,))
+        _array(f"{where}.segment_versions[{j}]", vs, np.int64, (len(ls),))
 
 
 def _groups_to_wire(kind: str, groups, group_cls: type) -> tuple[dict, dict, dict]:
@@ -284,6 +307,11 @@ def _groups_to_wire(kind: str, groups, group_cls: type) -> tuple[dict, dict, dic
         "logprobs": _concat(flat("logprobs"), np.float32),
         "response_offsets": _offsets_of(responses),
     }
+    segments = [g.segments() for g in groups]
+    lengths = [ls for seg in segments for ls in seg[0]]
+    arrays["segment_lengths"] = _concat(lengths, np.int32)
+    arrays["segment_versions"] = _concat([vs for seg in segments for vs in seg[1]], np.int64)
+    arrays["segment_offsets"] = _offsets_of(lengths)
     if scored:
         arrays["rewards"] = _concat([g.rewards for g in groups], np.float32)
     return meta, arrays, {}
@@ -321,8 +349,36 @@ def _check_groups(kind: str, meta, arrays, scored: bool) -> None:
         response = int(np.searchsorted(offsets, token, "right")) - 1
         _fail(f"{kind}.logprobs", f"non-finite value at token {token - offsets[response]} "
                                   f"of {_locate(counts, response)}")
+    _check_segments(kind, meta, arrays, counts, offsets)
     if scored:
         _check_rewards(kind, meta, arrays["rewards"], counts)
+
+
+def _check_segments(kind: str, meta: dict, arrays: dict, counts: list[int], response_offsets) -> None:
+    """Each response's segments: at least one, token counts summing to its length, versions >= 0,
+    and each group's policy_version its oldest segment's."""
+    lengths = _array(f"{kind}.segment_lengths", arrays["segment_lengths"], np.int32, (None,))
+    _nonneg(f"{kind}.segment_lengths", lengths)
+    versions = _array(f"{kind}.segment_versions", arrays["segment_versions"], np.int64, lengths.shape)
+    _nonneg(f"{kind}.segment_versions", versions)
+    off = _offsets(f"{kind}.segment_offsets", arrays["segment_offsets"], sum(counts), len(lengths))
+    per_response = np.diff(off)
+    if (per_response < 1).any():
+        _fail(f"{kind}.segment_offsets", f"{_locate(counts, int(np.argmin(per_response)))} has no segment")
+    if not len(lengths):
+        return
+    sums = np.add.reduceat(lengths.astype(np.int64), off[:-1])
+    bad = np.flatnonzero(sums != np.diff(response_offsets))
+    if len(bad):
+        r = int(bad[0])
+        _fail(f"{kind}.segment_lengths", f"{_locate(counts, r)}: segments hold {int(sums[r])} tokens, "
+                                         f"the response {int(response_offsets[r + 1] - response_offsets[r])}")
+    oldest = np.minimum.reduceat(versions, off[:-1])
+    group_start = np.cumsum([0] + counts[:-1])
+    group_oldest = np.minimum.reduceat(oldest, group_start)
+    for i, (have, want) in enumerate(zip(meta["policy_version"], group_oldest.tolist())):
+        if have != want:
+            _fail(f"{kind}.policy_version[{i}]", f"{have}, but its oldest segment is version {want}")
 
 
 def _check_rewards(kind: str, meta: dict, rewards, counts: list[int]) -> None:
@@ -363,12 +419,19 @@ def _groups_from_wire(meta: dict, arrays: dict, group_cls: type) -> list:
     spans = list(zip(r_off[:-1], r_off[1:]))
     tokens = [arrays["response_tokens"][a:b] for a, b in spans]
     logprobs = [arrays["logprobs"][a:b] for a, b in spans]
+    s_off = arrays["segment_offsets"].tolist()
+    seg_spans = list(zip(s_off[:-1], s_off[1:]))
+    seg_lengths = [arrays["segment_lengths"][a:b] for a, b in seg_spans]
+    seg_versions = [arrays["segment_versions"][a:b] for a, b in seg_spans]
     groups, r = [], 0
     for i, n in enumerate(meta["n"]):
         kw = {name: meta[name][i] for name in per_group}
         kw.update({name: meta[name][r:r + n] for name in per_response})
         if group_cls is ScoredGroup:
             kw["rewards"] = arrays["rewards"][r:r + n]
+        versions = seg_versions[r:r + n]
+        if not all(len(v) == 1 and v[0] == kw["policy_version"] for v in versions):  # else the default
+            kw.update(segment_lengths=seg_lengths[r:r + n], segment_versions=versions)
         groups.append(group_cls(**kw, prompt_ids=prompts[p_off[i]:p_off[i + 1]],
                                 response_ids=tokens[r:r + n], logprobs=logprobs[r:r + n]))
         r += n
@@ -411,6 +474,73 @@ class ScoredBatch(_GroupBatch):
 
     _group_cls: ClassVar[type] = ScoredGroup
     groups: list[ScoredGroup]
+
+
+# ---------------------------------------------------------------- segments (partial rollouts)
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class SegmentBatch:
+    """One segment per response row of a rows-mode GenerationRequest: generator -> driver.
+
+    Invariants: uids, response_indices, finish_reasons and policy_versions have one entry per row
+    (k >= 1); response_ids[i] is int32[L_i] (ids >= 0, L_i may be 0) and logprobs[i] float32[L_i],
+    finite: the new tokens of row i and the log-probs they were sampled with, under weights
+    policy_versions[i]. On the wire tokens and log-probs have offsets of their own, so a count
+    that disagrees is refused by name rather than read as a shifted response.
+    """
+
+    uids: list[str]
+    response_indices: list[int]
+    response_ids: list[np.ndarray]
+    logprobs: list[np.ndarray]
+    finish_reasons: list[str]
+    policy_versions: list[int]
+
+    def _to_wire(self):
+        k = len(_list("SegmentBatch.response_ids", self.response_ids, None))
+        _list("SegmentBatch.logprobs", self.logprobs, k)
+        for i, (ids, lp) in enumerate(zip(self.response_ids, self.logprobs)):
+            _array(f"SegmentBatch.response_ids[{i}]", ids, np.int32, (None,))
+            _array(f"SegmentBatch.logprobs[{i}]", lp, np.float32, (None,))
+        meta = {"uids": self.uids, "finish_reasons": self.finish_reasons,
+                "response_indices": [_scalar(x) for x in self.response_indices],
+                "policy_versions": [_scalar(x) for x in self.policy_versions]}
+        arrays = {"tokens": _concat(list(self.response_ids), np.int32),
+                  "token_offsets": _offsets_of(list(self.response_ids)),
+                  "logprobs": _concat(list(self.logprobs), np.float32),
+                  "logprob_offsets": _offsets_of(list(self.logprobs))}
+        return meta, arrays, {}
+
+    @staticmethod
+    def _check_wire(meta, arrays, wire_dtypes) -> None:
+        where = "SegmentBatch"
+        _keys(f"{where} meta", meta, ("uids", "response_indices", "finish_reasons", "policy_versions"))
+        _keys(f"{where} arrays", arrays, ("tokens", "token_offsets", "logprobs", "logprob_offsets"))
+        k = len(_str_list(f"{where}.uids", meta["uids"]))
+        if k < 1:
+            _fail(f"{where}.uids", "a batch carries at least one segment")
+        _int_list(f"{where}.response_indices", meta["response_indices"], k)
+        _int_list(f"{where}.policy_versions", meta["policy_versions"], k)
+        for i, reason in enumerate(_str_list(f"{where}.finish_reasons", meta["finish_reasons"], k)):
+            if reason not in FINISH_REASONS:
+                _fail(f"{where}.finish_reasons[{i}]", f"{reason!r:.40} is not one of {sorted(FINISH_REASONS)}")
+        tokens = _array(f"{where}.tokens", arrays["tokens"], np.int32, (None,))
+        _nonneg(f"{where}.tokens", tokens)
+        t_off = _offsets(f"{where}.token_offsets", arrays["token_offsets"], k, len(tokens))
+        logprobs = _array(f"{where}.logprobs", arrays["logprobs"], np.float32, (None,))
+        _finite(f"{where}.logprobs", logprobs)
+        lp_off = _offsets(f"{where}.logprob_offsets", arrays["logprob_offsets"], k, len(logprobs))
+        mismatch = np.flatnonzero(np.diff(t_off) != np.diff(lp_off))
+        if len(mismatch):
+            i = int(mismatch[0])
+            _fail(f"{where}.logprobs", f"segment {i} has {int(lp_off[i + 1] - lp_off[i])} log-probs "
+                                       f"for {int(t_off[i + 1] - t_off[i])} tokens")
+
+    @classmethod
+    def _from_wire(cls, meta, arrays, wire_dtypes) -> SegmentBatch:
+        t_off, lp_off = arrays["token_offsets"].tolist(), arrays["logprob_offsets"].tolist()
+        return cls(**meta, response_ids=[arrays["tokens"][a:b] for a, b in zip(t_off[:-1], t_off[1:])],
+                   logprobs=[arrays["logprobs"][a:b] for a, b in zip(lp_off[:-1], lp_off[1:])])
 
 
 # ---------------------------------------------------------------- train batch
@@ -497,6 +627,11 @@ class GenerationRequest:
     per prompt (k >= 1); prompt_ids[i] is int32[P_i] with P_i >= 1 and ids >= 0; uids are unique;
     attempt >= 1 counts re-issues of request_id; sampling overrides the replica's configured
     sampling for this request (keys from temperature, top_p, top_k, max_new_tokens, n, seed).
+
+    Rows mode (partial rollouts), when response_indices, prefix_ids and row_seeds are given: each
+    entry is one response row (response_indices[i] of group uids[i], so a uid may repeat with
+    distinct indices) continued from prompt_ids[i] + prefix_ids[i] (int32, possibly empty) with
+    sampling key row_seeds[i] in [0, 2**63); the generator answers with a SegmentBatch.
     """
 
     request_id: int
@@ -508,11 +643,21 @@ class GenerationRequest:
     sample_indices: list[int]
     extras: list[dict]
     sampling: dict = field(default_factory=dict)
+    response_indices: list[int] | None = None
+    prefix_ids: list[np.ndarray] | None = None
+    row_seeds: list[int] | None = None
+
+    @property
+    def rows_mode(self) -> bool:
+        return self.response_indices is not None
 
     def _to_wire(self):
         k = len(_list("GenerationRequest.prompt_ids", self.prompt_ids, None))
         for i, ids in enumerate(self.prompt_ids):
             _array(f"GenerationRequest.prompt_ids[{i}]", ids, np.int32, (None,))
+        given = [x is not None for x in (self.response_indices, self.prefix_ids, self.row_seeds)]
+        if any(given) and not all(given):
+            _fail("GenerationRequest", "response_indices, prefix_ids and row_seeds come together (rows mode)")
         meta = {"request_id": _scalar(self.request_id), "attempt": _scalar(self.attempt),
                 "uids": self.uids, "prompt_texts": self.prompt_texts, "answers": self.answers,
                 "sample_indices": [_scalar(x) for x in _list("GenerationRequest.sample_indices",
@@ -520,21 +665,43 @@ class GenerationRequest:
                 "extras": self.extras, "sampling": self.sampling}
         arrays = {"prompt_tokens": _concat(list(self.prompt_ids), np.int32),
                   "prompt_offsets": _offsets_of(list(self.prompt_ids))}
+        meta["rows"] = None
+        if self.rows_mode:
+            prefixes = _list("GenerationRequest.prefix_ids", self.prefix_ids, k)
+            for i, ids in enumerate(prefixes):
+                _array(f"GenerationRequest.prefix_ids[{i}]", ids, np.int32, (None,))
+            meta["rows"] = {"response_indices": [_scalar(x) for x in self.response_indices],
+                            "row_seeds": [_scalar(x) for x in self.row_seeds]}
+            arrays["prefix_tokens"] = _concat(list(prefixes), np.int32)
+            arrays["prefix_offsets"] = _offsets_of(list(prefixes))
         return meta, arrays, {}
 
     @staticmethod
     def _check_wire(meta, arrays, wire_dtypes) -> None:
         where = "GenerationRequest"
         _keys(f"{where} meta", meta, ("request_id", "attempt", "uids", "prompt_texts", "answers",
-                                      "sample_indices", "extras", "sampling"))
-        _keys(f"{where} arrays", arrays, ("prompt_tokens", "prompt_offsets"))
+                                      "sample_indices", "extras", "sampling", "rows"))
+        rows = meta["rows"]
+        _keys(f"{where} arrays", arrays, ("prompt_tokens", "prompt_offsets")
+              + (("prefix_tokens", "prefix_offsets") if rows is not None else ()))
         _int(f"{where}.request_id", meta["request_id"])
         _int(f"{where}.attempt", meta["attempt"], lo=1)
         k = len(_str_list(f"{where}.uids", meta["uids"]))
         if k < 1:
             _fail(f"{where}.uids", "a request carries at least one prompt")
-        if len(set(meta["uids"])) != k:
+        if rows is None and len(set(meta["uids"])) != k:
             _fail(f"{where}.uids", "duplicate uids")
+        if rows is not None:
+            _keys(f"{where}.rows", rows, ("response_indices", "row_seeds"))
+            indices = _int_list(f"{where}.rows.response_indices", rows["response_indices"], k)
+            if len(set(zip(meta["uids"], indices))) != k:
+                _fail(f"{where}.rows", "duplicate (uid, response index) rows")
+            for i, seed in enumerate(_int_list(f"{where}.rows.row_seeds", rows["row_seeds"], k)):
+                if seed >= 2**63:
+                    _fail(f"{where}.rows.row_seeds[{i}]", "must be < 2**63")
+            prefix = _array(f"{where}.prefix_tokens", arrays["prefix_tokens"], np.int32, (None,))
+            _nonneg(f"{where}.prefix_tokens", prefix)
+            _offsets(f"{where}.prefix_offsets", arrays["prefix_offsets"], k, len(prefix))
         _str_list(f"{where}.prompt_texts", meta["prompt_texts"], k)
         _str_list(f"{where}.answers", meta["answers"], k)
         _int_list(f"{where}.sample_indices", meta["sample_indices"], k)
@@ -554,7 +721,13 @@ class GenerationRequest:
     def _from_wire(cls, meta, arrays, wire_dtypes) -> GenerationRequest:
         tokens, off = arrays["prompt_tokens"], arrays["prompt_offsets"]
         prompt_ids = [tokens[off[i]:off[i + 1]] for i in range(len(off) - 1)]
-        return cls(prompt_ids=prompt_ids, **meta)
+        meta = dict(meta)
+        rows = meta.pop("rows")
+        if rows is None:
+            return cls(prompt_ids=prompt_ids, **meta)
+        p_tokens, p_off = arrays["prefix_tokens"], arrays["prefix_offsets"]
+        prefixes = [p_tokens[p_off[i]:p_off[i + 1]] for i in range(len(p_off) - 1)]
+        return cls(prompt_ids=prompt_ids, **meta, prefix_ids=prefixes, **rows)
 
 
 # ---------------------------------------------------------------- weights
@@ -648,8 +821,8 @@ def named_tensors_to_wire(state: dict, version: int) -> NamedTensors:
 
 # ---------------------------------------------------------------- framing
 
-_KINDS = {cls.__name__: cls for cls in (GenerationRequest, RolloutBatch, ScoredBatch, TrainBatch,
-                                         NamedTensors)}
+_KINDS = {cls.__name__: cls for cls in (GenerationRequest, RolloutBatch, ScoredBatch, SegmentBatch,
+                                         TrainBatch, NamedTensors)}
 # Everything the parser and numpy can raise on hostile input; turned into WireError at the edge.
 _MALFORMED = (msgpack.UnpackException, ValueError, TypeError, KeyError, IndexError, OverflowError,
               AttributeError, RecursionError, struct.error)

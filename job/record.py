@@ -37,7 +37,7 @@ def accounting(status: DriverStatus) -> dict[str, float]:
         "groups/failed": status.failed + buf.failed + buf.malformed,
         "groups/unfinished": status.unfinished, "groups/duplicate": buf.duplicate,
         "groups/reissued_requests": status.reissued, "driver/backpressure_waits": status.backpressure_waits,
-        **fault_counters(status),
+        **fault_counters(status), **{f"partial/{k}": v for k, v in status.partial.items()},
     }
 
 

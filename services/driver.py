@@ -8,14 +8,21 @@ trained, which is the synchronous mode. Serve handles do not retry a request who
 after accepting it, so the driver keeps its own ledger: a request that fails with a dead or
 unreachable replica, or times out, is re-issued (up to `driver.max_attempts`); the buffer commits
 a uid once, so a late duplicate is dropped there and no group is trained twice.
+
+With `generator.partial_rollout.enable` the driver also owns the partial groups
+(`async_pmd.partial.PartialPool`): requests carry response rows (unfinished ones first, then new
+groups), the generator answers with one segment per row, and a group goes on to the scorer only
+once all its responses have finished; the open groups are part of the checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 from collections import Counter
+from dataclasses import dataclass, replace
 
 import ray
 from ray import serve
@@ -27,6 +34,7 @@ from async_pmd.data import Prompt, configured_source, generation_request
 from async_pmd.fates import FateRecord
 from async_pmd.ledger import Ledger, Request, may_dispatch, pending_entry
 from async_pmd.models import load_tokenizer
+from async_pmd.partial import PartialPool, Row, rows_request, to_rollout_group
 from async_pmd.status import BufferStatus, DriverStatus
 
 logger = logging.getLogger(__name__)
@@ -41,6 +49,19 @@ def _failure_kind(exc: BaseException) -> str | None:
     return "retry"
 
 
+@dataclass(frozen=True)
+class RowsRequest:
+    """A partial-rollout request: response rows of one or more open groups."""
+
+    request_id: int
+    rows: list[Row]
+    attempt: int = 1
+
+    @property
+    def uids(self) -> list[str]:
+        return list(dict.fromkeys(r.uid for r in self.rows))
+
+
 @ray.remote(num_cpus=0)
 class RolloutDriver:
     """Owns the prompt source and the ledger; `run()` is its long-lived loop."""
@@ -49,8 +70,15 @@ class RolloutDriver:
                  driver: DriverConfig, model_path: str, namespace: str, seed: int):
         self._data, self._generator_cfg, self._buffer_cfg, self._cfg = data, generator, buffer, driver
         self._seed = seed  # trainer.seed: with a request's uids and attempt, fixes its sampling
-        self._source = configured_source(data, load_tokenizer(model_path), split="train")
+        self._tokenizer = load_tokenizer(model_path)
+        self._source = configured_source(data, self._tokenizer, split="train")
         self._ledger = Ledger()
+        partial = generator.partial_rollout
+        cap = buffer.max_staleness if partial.max_segment_staleness is None else partial.max_segment_staleness
+        self._pool = PartialPool(n=generator.n, response_length=generator.response_length,
+                                 max_segment_staleness=cap, seed=seed) if partial.enable else None
+        self._rows_ids = itertools.count()  # request ids of rows-mode requests
+        self._resumed = {"resumed_groups": 0, "resumed_tokens": 0}  # open groups restored from a checkpoint
         self._fates = FateRecord()  # one fate per prompt drawn, by dispatch ordinal
         self._pending: list[tuple[str, Prompt]] = []  # restored from a checkpoint; re-issued first
         self._generator = serve.get_deployment_handle(names.GENERATOR_DEPLOYMENT, app_name=names.GENERATOR_APP)
@@ -107,7 +135,7 @@ class RolloutDriver:
         return DriverStatus(dispatched=ledger.dispatched, failed=ledger.failed, reissued=ledger.reissued,
                             unfinished=len(ledger.unresolved) + len(self._pending),
                             inflight_requests=len(self._tasks), **self._stats, failures=dict(self._failures),
-                            buffer=self._buffer_status)
+                            buffer=self._buffer_status, partial=self._partial_counters())
 
     async def state_dict(self, trained_steps: int) -> dict:
         """Cursor, counters, pending prompts (unsettled groups), the fate of every prompt drawn and
@@ -116,13 +144,25 @@ class RolloutDriver:
         buffer_state = await self._sync_with_buffer(with_state=True, trained_steps=trained_steps)
         state = self._ledger.state_dict()
         state["pending"] += [pending_entry(uid, p) for uid, p in self._pending]
-        return {"source": self._source.state_dict(), "ledger": state, "buffer": buffer_state,
-                "fates": self._fates.state_dict()}
+        out = {"source": self._source.state_dict(), "ledger": state, "buffer": buffer_state,
+               "fates": self._fates.state_dict()}
+        if self._pool is not None:
+            out["partial"] = self._pool.state_dict()
+        return out
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore; with partial rollouts on, the saved open groups among the pending ones are
+        continued from their saved responses, the other pending groups are sampled afresh."""
         self._source.load_state_dict(state["source"])
         self._pending = self._ledger.load_state_dict(state["ledger"])
         self._fates.load_state_dict(state["fates"])
+        if self._pool is not None and "partial" in state:
+            restored = set(self._pool.load_state_dict(state["partial"], dict(self._pending)))
+            for uid, prompt in self._pending:
+                if uid in restored:
+                    self._ledger.open([prompt], [uid], already_dispatched=True)
+            self._pending = [(u, p) for u, p in self._pending if u not in restored]
+            self._resumed = {"resumed_groups": len(restored), "resumed_tokens": self._pool.saved_tokens()}
 
     # ------------------------------------------------------------------ helpers
 
@@ -147,7 +187,9 @@ class RolloutDriver:
         for uid in self._ledger.fail(uids):
             self._fates.settle(uid, "failed")
 
-    async def _next_request(self) -> Request | None:
+    async def _next_request(self) -> Request | RowsRequest | None:
+        if self._pool is not None:
+            return await self._next_rows_request()
         k = self._generator_cfg.prompts_per_request
         if self._pending:
             chunk, self._pending = self._pending[:k], self._pending[k:]
@@ -165,8 +207,9 @@ class RolloutDriver:
         self._fates.dispatch(len(uids))
         return self._ledger.open(prompts, uids)
 
-    def _launch(self, request: Request) -> None:
-        task = asyncio.create_task(self._run_request(request))
+    def _launch(self, request: Request | RowsRequest) -> None:
+        run = self._run_rows_request if isinstance(request, RowsRequest) else self._run_request
+        task = asyncio.create_task(run(request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -212,3 +255,100 @@ class RolloutDriver:
         afresh, yet two runs with the same seed send the same seeds."""
         key = f"{self._seed}|{','.join(request.uids)}|{request.attempt}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+    # ------------------------------------------------------------------ partial rollouts
+
+    def _partial_counters(self) -> dict[str, int]:
+        if self._pool is None:
+            return {}
+        return {**self._pool.stats, "open_groups": len(self._pool), "queued_rows": self._pool.queued_rows,
+                **self._resumed}
+
+    async def _next_rows_request(self) -> RowsRequest | None:
+        """Unfinished rows first (oldest group first); room left in the request's k·n rows takes
+        new groups, pending ones first, then fresh prompts under the same admission as without
+        partial rollouts (a group's oldest segment is never older than the weights it was
+        admitted with, so the staleness estimate of `may_dispatch` still bounds it)."""
+        cfg, pool = self._generator_cfg, self._pool
+        max_rows = cfg.prompts_per_request * cfg.n
+        version = max(await self._store.version.remote(), 0)
+        new = (max_rows - pool.queued_rows) // cfg.n
+        if new > 0 and self._pending:
+            chunk, self._pending = self._pending[:new], self._pending[new:]
+            self._ledger.open([p for _, p in chunk], [u for u, _ in chunk], already_dispatched=True)
+            for uid, prompt in chunk:
+                pool.open(uid, prompt)
+        elif new > 0 and may_dispatch(
+            steps_taken=self._buffer_status.steps_taken, outstanding=len(self._ledger.unresolved),
+            new=new, published_version=version, batch_groups=self._data.train_batch_size,
+            max_staleness=self._buffer_cfg.max_staleness, capacity_groups=self._buffer_cfg.capacity_groups,
+        ):
+            prompts = self._source.next_batch(new)
+            uids = [f"e{self._source.epoch}-i{p.index}-d{self._ledger.dispatched + j}" for j, p in enumerate(prompts)]
+            self._fates.dispatch(len(uids))
+            self._ledger.open(prompts, uids)
+            for uid, prompt in zip(uids, prompts):
+                pool.open(uid, prompt)
+        rows = pool.next_rows(max_rows, version)
+        return RowsRequest(next(self._rows_ids), rows) if rows else None
+
+    async def _run_rows_request(self, request: RowsRequest) -> None:
+        """Generate one segment per row (re-issuing the same rows, same keys, after a replica
+        died), then send the groups this completed on to the scorer and the buffer."""
+        while True:
+            try:
+                segments = await self._generate_rows(request)
+                break
+            except Exception as exc:  # noqa: BLE001 - classified and counted as in _run_request
+                if not self._retryable(request.request_id, request.attempt, exc):
+                    self._pool.fail(request.uids)
+                    self._fail(request.uids)
+                    return
+                request = replace(request, attempt=request.attempt + 1)
+        self._stats["max_attempt"] = max(self._stats["max_attempt"], request.attempt)
+        done = self._pool.add(segments)
+        if done:
+            groups = [to_rollout_group(g, self._decode_texts) for g in done]
+            await self._score_and_put(request.request_id, groups)
+
+    async def _generate_rows(self, request: RowsRequest) -> wire.SegmentBatch:
+        self._stats["requests"] += 1
+        payload = wire.encode_array(rows_request(request.request_id, request.attempt, request.rows, {}))
+        response = self._generator.generate.remote(payload)
+        ref = await asyncio.wait_for(response._to_object_ref(), self._generator_cfg.request_timeout_s)
+        data = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self._generator_cfg.request_timeout_s)
+        return wire.decode(data, expect=wire.SegmentBatch)
+
+    async def _score_and_put(self, request_id: int, groups: list[wire.RolloutGroup]) -> None:
+        """scorer → buffer for complete groups, retried like a request (they are not regenerated)."""
+        uids = [g.uid for g in groups]
+        payload = wire.encode_array(wire.RolloutBatch(groups=groups))
+        for attempt in itertools.count(1):
+            try:
+                scored = self._scorer.score.remote(payload)
+                timeout_s = self._generator_cfg.request_timeout_s
+                ref = await asyncio.wait_for(scored._to_object_ref(), timeout_s)
+                await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
+                counts = await self._buffer.put.remote(ref)
+                if counts.get("refused"):
+                    self._fail(uids)
+                return
+            except Exception as exc:  # noqa: BLE001 - classified and counted as in _run_request
+                if not self._retryable(request_id, attempt, exc):
+                    self._fail(uids)
+                    return
+
+    def _retryable(self, request_id: int, attempt: int, exc: BaseException) -> bool:
+        """Count a failed attempt; whether to try it again."""
+        self._failures[type(exc).__name__] += 1
+        logger.warning("request %d attempt %d failed: %r", request_id, attempt, exc)
+        if _failure_kind(exc) is None:
+            self._stats["deterministic_failures"] += 1
+            return False
+        if attempt >= self._cfg.max_attempts:
+            return False
+        self._stats["retries"] += 1
+        return True
+
+    def _decode_texts(self, ids) -> list[str]:
+        return self._tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -8,6 +8,11 @@ it) and checks the WeightStore's version before each batch, loading newer weight
 batches, never during one. They come as wire bytes from the object store, or (`weight_sync.transport:
 collective`) by broadcast from learner rank 0 over a group this replica opens with it, received
 through the engine's own API (`init_weight_sync_group` / `update_weights_from_distributed`).
+
+With partial rollouts on, requests come in rows mode (`GenerationRequest.rows_mode`): each row is
+one response continued from prompt + its tokens so far, with its own sampling key, for at most
+`generator.partial_rollout.segment_tokens` new tokens; the answer is a `SegmentBatch` back to the
+driver, which keeps unfinished responses and sends complete groups on to the scorer.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class Generator:
         self._weight_group: tuple[str, str] | None = None  # `collective`: (sender's actor id, group name)
         self._max_wire_bytes = max_wire_bytes
         self._tokenizer = load_tokenizer(model.path)
+        if generator.partial_rollout.enable:  # a continuation's prompt carries the response so far
+            max_prompt_length += generator.response_length
         engine_kwargs = {"dtype": model.dtype, "max_prompt_length": max_prompt_length, **engine_options(generator)}
         self._engine = create_engine(generator.engine, model.path, tokenizer=self._tokenizer, **engine_kwargs)
         self._store = ray.get_actor(names.WEIGHT_STORE, namespace=namespace)
@@ -61,18 +68,23 @@ class Generator:
 
     @telemetry.tracked
     async def generate(self, request: bytes | np.ndarray) -> np.ndarray:
-        """RolloutBatch bytes for one GenerationRequest."""
+        """RolloutBatch bytes for one GenerationRequest (SegmentBatch bytes for a rows-mode one)."""
         req = wire.decode(request, max_bytes=self._max_wire_bytes, expect=wire.GenerationRequest)
-        params = self._sampling(req.sampling)
+        if req.rows_mode:
+            rows = [p.tolist() + x.tolist() for p, x in zip(req.prompt_ids, req.prefix_ids)]
+            params = self._segment_sampling(req)
+        else:
+            rows, params = [p.tolist() for p in req.prompt_ids], self._sampling(req.sampling)
         async with self._engine_lock:
             await self._pull_newer_weights()
             start = time.perf_counter()
-            outputs = await asyncio.to_thread(
-                self._engine.generate, [p.tolist() for p in req.prompt_ids], params)
+            outputs = await asyncio.to_thread(self._engine.generate, rows, params)
             self._stats["generate_s"] += time.perf_counter() - start
             self._metrics.observe("generate_seconds", time.perf_counter() - start)
-        batch = wire.RolloutBatch(groups=[
-            self._group(req, i, outs) for i, outs in enumerate(outputs)])
+        if req.rows_mode:
+            batch = self._segments(req, [outs[0] for outs in outputs])
+        else:
+            batch = wire.RolloutBatch(groups=[self._group(req, i, outs) for i, outs in enumerate(outputs)])
         self._stats["requests"] += 1
         self._metrics.sync({"tokens_total": self._stats["tokens"], "responses_total": self._stats["responses"]})
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes)
@@ -95,6 +107,24 @@ class Generator:
         base = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                 "max_new_tokens": cfg.response_length, "n": cfg.n}
         return SamplingParams(**{**base, **overrides})
+
+    def _segment_sampling(self, req: wire.GenerationRequest) -> SamplingParams:
+        """One response per row, keyed by its row seed at its own position; no row needs more
+        than the segment, nor more than the longest remaining budget (the driver trims the rest)."""
+        cfg = self._cfg
+        remaining = cfg.response_length - min(len(x) for x in req.prefix_ids)
+        return self._sampling({**req.sampling, "n": 1, "row_seeds": tuple(req.row_seeds),
+                               "start_positions": tuple(len(x) for x in req.prefix_ids),
+                               "max_new_tokens": max(1, min(cfg.partial_rollout.segment_tokens, remaining))})
+
+    def _segments(self, req: wire.GenerationRequest, outs) -> wire.SegmentBatch:
+        self._stats["responses"] += len(outs)
+        self._stats["tokens"] += sum(len(o.token_ids) for o in outs)
+        return wire.SegmentBatch(
+            uids=list(req.uids), response_indices=list(req.response_indices),
+            response_ids=[np.asarray(o.token_ids, np.int32) for o in outs],
+            logprobs=[np.asarray(o.logprobs, np.float32) for o in outs],
+            finish_reasons=[o.finish_reason for o in outs], policy_versions=[o.policy_version for o in outs])
 
     def _group(self, req: wire.GenerationRequest, i: int, outs) -> wire.RolloutGroup:
         response_ids = [np.asarray(o.token_ids, np.int32) for o in outs]

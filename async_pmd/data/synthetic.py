@@ -3,6 +3,8 @@
   add_mod10  "{a}+{b}=" -> str((a + b) % 10), a and b single digits (100 distinct prompts)
   reverse    "rev {s}=" -> s reversed, s of 3-5 letters from "abcde" (3,875 distinct prompts)
   gsm_tiny   templated grade-school word problems with integer answers (see gsm_tiny.py)
+  longtail   "{c}*{k}=" -> c repeated k times, c in "abcde", k from 1 to 48 with a long tail: 7 in
+             8 prompts have k <= 6, the rest k in 7..48 (partial rollouts' benchmark task)
 
 Every character of every prompt and answer is in `SYNTHETIC_ALPHABET`, so one character-level
 vocabulary (the tiny model of the embedded default) covers all three tasks.
@@ -30,6 +32,10 @@ SPLITS = ("train", "val")
 REVERSE_LETTERS = "abcde"
 REVERSE_LENGTHS = (3, 4, 5)
 GSM_TINY_DEFAULT_SIZE = {"train": 200, "val": 50}
+LONGTAIL_LETTERS = "abcde"
+LONGTAIL_SHORT, LONGTAIL_MAX = 6, 48  # answer lengths: 1..SHORT mostly, up to MAX in the tail
+LONGTAIL_TAIL_SHARE = 1 / 8
+LONGTAIL_DEFAULT_SIZE = {"train": 4096, "val": 64}
 
 
 def add_mod10_in_val(a: int, b: int) -> bool:
@@ -101,10 +107,25 @@ def make_gsm_tiny(split: str, seed: int, size: int | None) -> list[Prompt]:
     raise ValueError(f"gsm_tiny could not generate {size} distinct {split} problems; ask for fewer")
 
 
+def make_longtail(split: str, seed: int, size: int | None) -> list[Prompt]:
+    """`size` prompts (default 4,096 train, 64 val) drawn with replacement from the split's
+    (letter, k) pairs: a share LONGTAIL_TAIL_SHARE from the tail k > LONGTAIL_SHORT, the rest
+    short, so a batch of 32 groups holds about 4 long answers among short ones."""
+    size = LONGTAIL_DEFAULT_SIZE[split] if size is None else size
+    pairs = [(c, k) for c in LONGTAIL_LETTERS for k in range(1, LONGTAIL_MAX + 1)
+             if _in_split(text_in_val(f"{c}*{k}="), split)]
+    short = [p for p in pairs if p[1] <= LONGTAIL_SHORT]
+    tail = [p for p in pairs if p[1] > LONGTAIL_SHORT]
+    rng = random.Random(seed)
+    drawn = [rng.choice(tail if rng.random() < LONGTAIL_TAIL_SHARE else short) for _ in range(size)]
+    return [Prompt(i, f"{c}*{k}=", c * k, {"task": "longtail"}) for i, (c, k) in enumerate(drawn)]
+
+
 TASKS: dict[str, Callable[[str, int, int | None], list[Prompt]]] = {
     "add_mod10": make_add_mod10,
     "reverse": make_reverse,
     "gsm_tiny": make_gsm_tiny,
+    "longtail": make_longtail,
 }
 
 

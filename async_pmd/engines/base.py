@@ -36,6 +36,14 @@ class SamplingParams:
     """Same seed, prompts, params and weights → same responses; None = fresh randomness."""
     ignore_eos: bool = False
     """Do not stop at the model's EOS (benchmarks); `stop_token_ids` still stop."""
+    row_seeds: tuple[int, ...] | None = None
+    """One sampling key per output row (prompt-major, prompts × n), each in [0, 2**63); None =
+    derived from `seed` and the row. The torch engine draws the token at response position t of
+    a row from (its key, t) alone, so a row continued later (partial rollouts) from its prompt +
+    the tokens so far, with the same key, samples what the uninterrupted row would have."""
+    start_positions: tuple[int, ...] | None = None
+    """Per output row, the response tokens already generated (the prefix a continuation carries,
+    appended to its prompt); None = all 0."""
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -49,6 +57,13 @@ class SamplingParams:
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        for name in ("row_seeds", "start_positions"):
+            values = getattr(self, name)
+            if values is not None:
+                values = tuple(int(v) for v in values)
+                if any(not 0 <= v < 2**63 for v in values):
+                    raise ValueError(f"{name} must be in [0, 2**63)")
+                object.__setattr__(self, name, values)
 
     @property
     def greedy(self) -> bool:

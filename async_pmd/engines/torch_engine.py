@@ -10,10 +10,15 @@ Log-probs are those of the distribution each token was drawn from (π_old of the
     greedy (T = 0):  log_softmax(logits)[argmax]   (untempered, unmasked: the SGLang convention)
 Top-k keeps every token tied with the k-th value; top-p keeps the smallest prefix of the sorted
 distribution whose mass reaches p (a token is dropped when the mass before it exceeds p).
+
+Randomness is keyed, not streamed: row r's token at response position t is drawn by inverse CDF
+at a uniform that is a hash of (the row's key, t), so a response continued later from its prompt
++ tokens so far (partial rollouts) samples what it would have sampled uninterrupted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
@@ -51,16 +56,46 @@ def mask_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # < 2**27: every product of a 32-bit value stays inside int64
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply) of int64 values in [0, 2**32), elementwise."""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    return x ^ (x >> 16)
+
+
+def keyed_uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 in (0, 1), a pure function of each row's (key, response position).
+
+    Counter-based rather than a stream: the draw for position t does not depend on how many
+    draws came before it in this batch, so a continuation sampled in another batch, on another
+    replica, reproduces the uninterrupted row (partial rollouts)."""
+    h = _mix32((keys >> 32) & _M32)
+    h = _mix32(h ^ (keys & _M32))
+    h = _mix32(h ^ (positions & _M32))
+    return (h.double() + 0.5) / 2.0**32
+
+
 def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, V) float logits → (tokens (B,) int64, log-probs (B,) float32) per the module docstring."""
+    """(B, V) float logits → (tokens (B,) int64, log-probs (B,) float32) per the module docstring.
+
+    Sampling is by inverse CDF at `keyed_uniforms(keys, positions)`: the first token whose
+    cumulative probability exceeds u (a masked token, of probability 0, is never the first)."""
     if params.greedy:
         tokens = logits.argmax(dim=-1)
         logprobs = F.log_softmax(logits, dim=-1)
     else:
         logprobs = F.log_softmax(mask_logits(logits / params.temperature, params.top_k, params.top_p), dim=-1)
-        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+        cdf = logprobs.double().exp().cumsum(dim=-1)  # (B, V)
+        target = keyed_uniforms(keys, positions) * cdf[:, -1]
+        tokens = torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -143,11 +178,11 @@ class TorchEngine:
         over-long one, or a token id outside the vocabulary, naming the prompt index."""
         self._validate_prompts(prompt_ids, params)
         rows = [list(p) for p in prompt_ids for _ in range(params.n)]  # prompt-major: row = i*n + j
-        generator = self._make_generator(params.seed)
+        keys, starts = self._row_keys(params, len(rows))
         with self._exclusive(wait_for_resume=True):
             version = self._version
             with torch.inference_mode():
-                tokens, logprobs, lengths, stopped = self._decode(rows, params, generator)
+                tokens, logprobs, lengths, stopped = self._decode(rows, params, keys, starts)
         return _to_outputs(tokens, logprobs, lengths, stopped, params.n, version)
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> None:
@@ -215,7 +250,7 @@ class TorchEngine:
     # ------------------------------------------------------------ decoding
 
     def _decode(
-        self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator | None
+        self, rows: list[list[int]], params: SamplingParams, keys: torch.Tensor, starts: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         """The token loop. Returns tokens (B, S), logprobs (B, S), lengths (B,), stopped (B,)."""
         batch, steps = len(rows), params.max_new_tokens
@@ -230,7 +265,7 @@ class TorchEngine:
         logits, cache = self._forward(input_ids, attention_mask, positions, cache=None)
         next_position = positions[:, -1:] + 1  # (B, 1)
         for step in range(steps):
-            tokens, logprobs = sample_tokens(logits, params, generator)
+            tokens, logprobs = sample_tokens(logits, params, keys, starts + step)
             tokens = tokens.masked_fill(done, self._pad_id)  # finished rows idle on padding
             out_tokens[:, step] = tokens
             out_logprobs[:, step] = logprobs
@@ -259,13 +294,21 @@ class TorchEngine:
         ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self._eos_ids))
         return torch.tensor(sorted(ids), dtype=torch.long, device=self._device)
 
-    def _make_generator(self, seed: int | None) -> torch.Generator:
-        generator = torch.Generator(device=self._device)
-        if seed is None:
-            generator.seed()
+    def _row_keys(self, params: SamplingParams, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys (B,), start positions (B,)) int64: the given ones, else keys derived from the
+        seed and the row (a fresh random seed when there is none) and starts at 0."""
+        for name in ("row_seeds", "start_positions"):
+            given = getattr(params, name)
+            if given is not None and len(given) != batch:
+                raise ValueError(f"{name} has {len(given)} entries for {batch} rows (prompts × n)")
+        if params.row_seeds is not None:
+            keys = list(params.row_seeds)
         else:
-            generator.manual_seed(seed)
-        return generator
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            keys = [derive_row_key(seed, row) for row in range(batch)]
+        starts = params.start_positions or (0,) * batch
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self._device)  # noqa: E731
+        return as_tensor(keys), as_tensor(starts)
 
     # ------------------------------------------------------------ checks and locking
 
@@ -321,6 +364,12 @@ def _to_outputs(tokens, logprobs, lengths, stopped, n: int, version: int) -> lis
             )
         )
     return outputs
+
+
+def derive_row_key(seed: int, row: int) -> int:
+    """A row's sampling key from a request seed and the row's index, in [0, 2**63)."""
+    digest = hashlib.blake2b(f"{seed}|{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _resolve_eos_ids(explicit, config, tokenizer) -> tuple[int, ...]:

@@ -64,8 +64,15 @@ def gsm_tiny_reward(prompt: str, response: str, ground_truth: str, extra: dict) 
     return math_reward(prompt, _strip_eos(response, extra), ground_truth, extra)
 
 
+def longtail_reward(prompt: str, response: str, ground_truth: str, extra: dict) -> dict[str, float]:
+    """The reverse task's partial credit (agreeing positions over the longer length), so a long
+    answer is learned a character at a time: "aaaa" for "aaaaaa" scores 4/6; "exact" is 0/1."""
+    return reverse_reward(prompt, response, ground_truth, extra)
+
+
 SYNTHETIC_REWARDS: dict[str, RewardFn] = {
     "add_mod10": add_mod10_reward,
+    "longtail": longtail_reward,
     "reverse": reverse_reward,
     "gsm_tiny": gsm_tiny_reward,
 }

@@ -23,6 +23,8 @@ def test_shipped_configs_validate():
     assert cfg.algorithm.adv_estimator == "ploo"
     assert cfg.actor.policy_loss.loss_mode == "opmd"
     assert cfg.ray.address is None  # a private Ray on 127.0.0.1 (tests/services/test_faults.py)
+    longtail = load_config(REPO / "configs" / "longtail.yaml")
+    assert longtail.data.task == "longtail" and longtail.generator.partial_rollout.enable
 
 
 def test_seed_launch_overrides_verbatim():
@@ -87,6 +89,8 @@ def test_seed_spelling_inside_yaml_tree():
         (["actor.rollout_is=geometric"], "actor.rollout_is"),
         (["actor.rollout_is_threshold=0"], "actor.rollout_is_threshold"),
         (["algorithm.band_filter=both"], "algorithm.band_filter"),
+        (["generator.partial_rollout.segment_tokens=0"], "generator.partial_rollout.segment_tokens"),
+        (["generator.partial_rollout.enabled=true"], "generator.partial_rollout.enabled"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
@@ -137,6 +141,8 @@ def test_canonical_key():
         (["actor.loss_agg_mode=token-mean"], "actor.loss_agg_mode"),
         (["weight_sync.interval=3", "buffer.max_staleness=1"], "buffer.max_staleness"),
         (["buffer.capacity_groups=8"], "buffer.capacity_groups"),
+        (["generator.partial_rollout.max_segment_staleness=2", "buffer.max_staleness=1"],
+         "generator.partial_rollout.max_segment_staleness"),
     ],
 )
 def test_cross_section_rules_name_the_key(overrides, key):

@@ -7,6 +7,7 @@ import collections
 import itertools
 import json
 
+import numpy as np
 import pytest
 
 from async_pmd.data import (
@@ -67,9 +68,22 @@ def test_tasks_fit_the_alphabet_and_are_distinct(task):
     for split in ("train", "val"):
         prompts = make_task(task, split)
         assert set("".join(p.text + p.answer for p in prompts)) <= set(SYNTHETIC_ALPHABET)
-        assert len({p.text for p in prompts}) == len(prompts)
+        if task != "longtail":  # drawn with replacement, for its length mix (next test)
+            assert len({p.text for p in prompts}) == len(prompts)
         assert [p.index for p in prompts] == list(range(len(prompts)))
         assert all(p.extra["task"] == task for p in prompts)
+
+
+def test_longtail_answer_lengths_have_a_long_tail():
+    """longtail: the answer is the letter repeated k times; about 1 in 8 prompts has a long
+    answer (7 to 48 characters), the rest 1 to 6, so a batch of 32 holds a few long ones."""
+    prompts = make_task("longtail", "train", seed=0)
+    lengths = np.array([len(p.answer) for p in prompts])
+    assert all(p.answer == p.text[0] * int(p.text[2:-1]) for p in prompts)
+    assert lengths.min() == 1 and lengths.max() == 48
+    assert abs((lengths > 6).mean() - 1 / 8) < 0.02  # 4,096 draws: the std of the share is 0.005
+    per_batch = (lengths[: 4096 // 32 * 32].reshape(-1, 32) > 6).sum(1)
+    assert per_batch.mean() == pytest.approx(4, abs=0.6) and per_batch.max() >= 8
 
 
 def test_add_mod10_answers_and_uniform_chance():

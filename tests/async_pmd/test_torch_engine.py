@@ -280,3 +280,58 @@ def test_untrained_model_scores_at_chance_on_add_mod10(engine, tok):
     n = 16 * len(task)
     assert abs(sampled - expected) <= 4 * np.sqrt(expected / n) + 2 / n  # a binomial band
     assert sampled < 0.05
+
+
+def generate_in_segments(engine, prompt, seed, total, segment, **sampling):
+    """One response generated `segment` tokens at a time, each segment a new `generate` call on
+    prompt + the tokens so far (as the driver re-requests a partial rollout), in a batch beside an
+    unrelated row so the padding and batch differ from the uninterrupted call."""
+    tokens, logprobs, finish = [], [], "length"
+    while len(tokens) < total and finish == "length":
+        params = SamplingParams(max_new_tokens=min(segment, total - len(tokens)),
+                                row_seeds=(seed, 12345), start_positions=(len(tokens), 0), **sampling)
+        out = engine.generate([list(prompt) + tokens, [5, 6, 7, 8, 9, 10, 11]], params)[0][0]
+        tokens += out.token_ids.tolist()
+        logprobs += out.logprobs.tolist()
+        finish = out.finish_reason
+    return tokens, np.array(logprobs, np.float32), finish
+
+
+@pytest.mark.parametrize("segment", [1, 3, 5])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.8}])
+def test_a_response_continued_in_segments_equals_the_uninterrupted_one(engine, prompts, segment, sampling):
+    """Partial rollouts: k segments, each continued from prompt + prefix in a later call with the
+    same row key, give the same tokens and (within fp32 prefill-vs-decode rounding) the same
+    log-probs as one uninterrupted generation under the same weights and key."""
+    total, compared = 12, 0
+    for index, prompt in enumerate(prompts):
+        seed = 1000 + index
+        whole = engine.generate([prompt], SamplingParams(max_new_tokens=total, row_seeds=(seed,), ignore_eos=True,
+                                                         **sampling))[0][0]
+        tokens, logprobs, finish = generate_in_segments(engine, prompt, seed, total, segment, ignore_eos=True,
+                                                        **sampling)
+        assert tokens == whole.token_ids.tolist()
+        np.testing.assert_allclose(logprobs, whole.logprobs, atol=1e-5, rtol=0)
+        assert finish == whole.finish_reason == "length"
+        compared += len(tokens)
+    assert compared == total * len(prompts)
+
+
+def test_segments_stop_where_the_uninterrupted_response_stops(engine, prompts):
+    """With EOS on, a segmented response ends on the same stop token as the uninterrupted one."""
+    for index, prompt in enumerate(prompts):
+        whole = engine.generate([prompt], SamplingParams(max_new_tokens=16, row_seeds=(77 + index,)))[0][0]
+        tokens, _, finish = generate_in_segments(engine, prompt, 77 + index, 16, 2)
+        assert tokens == whole.token_ids.tolist() and finish == whole.finish_reason
+
+
+def test_row_keys_decide_the_sample_and_are_checked(engine, prompts):
+    """Rows with equal keys and positions sample the same tokens; a different key or start
+    position samples other ones; a key list of the wrong length is refused."""
+    params = SamplingParams(n=3, max_new_tokens=10, ignore_eos=True, row_seeds=(5, 5, 6))
+    a, b, c = (o.token_ids.tolist() for o in engine.generate([prompts[0]], params)[0])
+    assert a == b != c
+    shifted = SamplingParams(max_new_tokens=10, ignore_eos=True, row_seeds=(5,), start_positions=(1,))
+    assert engine.generate([prompts[0]], shifted)[0][0].token_ids.tolist() != a
+    with pytest.raises(ValueError, match="row_seeds has 1 entries for 2 rows"):
+        engine.generate([prompts[0]], SamplingParams(n=2, row_seeds=(5,)))

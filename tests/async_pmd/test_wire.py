@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from async_pmd import wire
 from async_pmd.wire import (
-    DEFAULT_MAX_BYTES, MAGIC, NamedTensors, RolloutBatch, RolloutGroup, ScoredBatch, ScoredGroup,
-    TrainBatch, WireError, decode, encode, encode_array, named_tensors_to_wire,
+    DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC, GenerationRequest, NamedTensors, RolloutBatch, RolloutGroup,
+    ScoredBatch, ScoredGroup, SegmentBatch, TrainBatch, WireError, decode, encode, encode_array,
+    named_tensors_to_wire,
 )
 
 # ---------------------------------------------------------------- builders
@@ -86,7 +87,23 @@ def messages():
                                          "attention_mask": np.ones((4, 11), bool)}),
         "train_empty": make_train(rng, batch=0, response_len=0),
         "named": make_named(rng),
+        "rollout_segmented": RolloutBatch(groups=[make_segmented(rng)]),
+        "segments": make_segments(rng),
     }
+
+
+def make_segmented(rng) -> RolloutGroup:
+    """Responses of 3, 0 and 5 tokens: the first in two segments (v7, v9), the last in three."""
+    return dataclasses.replace(
+        make_group(rng), segment_lengths=[np.array(x, np.int32) for x in ([1, 2], [0], [2, 2, 1])],
+        segment_versions=[np.array(x, np.int64) for x in ([7, 9], [8], [7, 8, 9])])
+
+
+def make_segments(rng, lengths=(2, 0, 3)) -> SegmentBatch:
+    return SegmentBatch(uids=["g0", "g0", "g1"], response_indices=[0, 3, 1],
+                        response_ids=[rng.integers(0, 100, n, dtype=np.int32) for n in lengths],
+                        logprobs=[-rng.random(n, dtype=np.float32) for n in lengths],
+                        finish_reasons=["length", "stop", "length"], policy_versions=[4, 4, 5])
 
 
 def assert_same(a, b, path="msg"):
@@ -126,7 +143,7 @@ def explode(buf: bytes) -> tuple[dict, bytes]:
     return header, buf[-(-(10 + header_len) // 64) * 64:]
 
 
-def frame(header, data: bytes, magic=MAGIC, version=1) -> bytes:
+def frame(header, data: bytes, magic=MAGIC, version=FORMAT_VERSION) -> bytes:
     head = msgpack.packb(header)
     start = -(-(10 + len(head)) // 64) * 64
     prefix = magic + version.to_bytes(2, "little") + len(head).to_bytes(4, "little") + head
@@ -190,7 +207,8 @@ def test_rollout_batch_is_flat_and_helpers():
     batch = messages()["rollout"]
     header, _ = explode(encode(batch))
     assert set(header["arrays"]) == {"prompt_tokens", "prompt_offsets", "response_tokens",
-                                     "logprobs", "response_offsets"}
+                                     "logprobs", "response_offsets", "segment_lengths",
+                                     "segment_versions", "segment_offsets"}
     assert header["arrays"]["response_tokens"][1] == [3 + 0 + 5 + 4]
     assert batch.num_responses == 6 and batch.groups[0].n == 3
     assert batch.groups[0].response_lengths.tolist() == [3, 0, 5]
@@ -256,7 +274,7 @@ MALFORMED = {
     "empty": lambda: b"",
     "garbage": lambda: np.random.default_rng(7).bytes(300),
     "wrong magic": lambda: b"PMDA" + ROLLOUT[4:],
-    "wrong version": lambda: ROLLOUT[:4] + (2).to_bytes(2, "little") + ROLLOUT[6:],
+    "wrong version": lambda: ROLLOUT[:4] + (FORMAT_VERSION + 1).to_bytes(2, "little") + ROLLOUT[6:],
     "header length past end": lambda: ROLLOUT[:6] + (10**9).to_bytes(4, "little") + ROLLOUT[10:],
     "trailing bytes": lambda: ROLLOUT + b"\0",
     "header not a map": lambda: frame([1, 2, 3], b""),
@@ -517,3 +535,61 @@ def test_generation_request_refused(kw, field):
     """A malformed request is refused at the producer with a WireError naming the field."""
     with pytest.raises(wire.WireError, match=field):
         wire.encode(_request(**kw))
+
+
+def test_segments_round_trip_and_the_group_version_is_the_oldest_segment():
+    """A response sampled in segments under several versions keeps each segment's length and
+    version across the wire; the group's policy_version must be its oldest segment's."""
+    rng = np.random.default_rng(3)
+    group = decode(encode(RolloutBatch(groups=[make_segmented(rng)]))).groups[0]
+    lengths, versions = group.segments()
+    assert [x.tolist() for x in lengths] == [[1, 2], [0], [2, 2, 1]]
+    assert [x.tolist() for x in versions] == [[7, 9], [8], [7, 8, 9]]
+    plain = make_group(rng)
+    assert decode(encode(RolloutBatch(groups=[plain]))).groups[0].segment_lengths is None
+    assert [v.tolist() for v in plain.segments()[1]] == [[7]] * 3
+    newer = dataclasses.replace(make_segmented(rng), policy_version=8)
+    with pytest.raises(WireError, match=r"policy_version\[0\]: 8, but its oldest segment is version 7"):
+        encode(RolloutBatch(groups=[newer]))
+    short = dataclasses.replace(make_segmented(rng), segment_lengths=[np.array(x, np.int32) for x in
+                                                                      ([1, 1], [0], [2, 2, 1])])
+    with pytest.raises(WireError, match=r"groups\[0\].response\[0\]: segments hold 2 tokens, the response 3"):
+        encode(RolloutBatch(groups=[short]))
+
+
+def test_a_segment_whose_logprob_count_differs_from_its_tokens_is_refused():
+    """Both ways: the producer refuses to encode it, and hand-made bytes with one log-prob too
+    few for a segment's tokens are refused by name, not read as a shifted response."""
+    rng = np.random.default_rng(4)
+    batch = make_segments(rng)
+    back = decode(encode(batch), expect=SegmentBatch)
+    assert [r.tolist() for r in back.response_ids] == [r.tolist() for r in batch.response_ids]
+    assert back.policy_versions == [4, 4, 5] and back.response_indices == [0, 3, 1]
+    bad = dataclasses.replace(batch, logprobs=[batch.logprobs[0][:1], *batch.logprobs[1:]])
+    with pytest.raises(WireError, match=r"SegmentBatch.logprobs: segment 0 has 1 log-probs for 2 tokens"):
+        encode(bad)
+
+    def drop_one_logprob(meta, arrays):
+        arrays["logprobs"] = arrays["logprobs"][1:]
+        arrays["logprob_offsets"] = np.array([0, 1, 1, 4], np.int64)
+
+    with pytest.raises(WireError, match=r"segment 0 has 1 log-probs for 2 tokens"):
+        decode(retyped(encode(batch), drop_one_logprob))
+
+
+def test_rows_mode_generation_request_round_trips_and_refuses_duplicate_rows():
+    """Partial rollouts: a request of response rows (uid, index) with their prefixes and keys."""
+    prompt = np.array([5, 6, 7], np.int32)
+    request = GenerationRequest(
+        request_id=3, attempt=1, uids=["g0", "g0"], prompt_ids=[prompt, prompt], prompt_texts=["p", "p"],
+        answers=["a", "a"], sample_indices=[0, 0], extras=[{}, {}], response_indices=[0, 2],
+        prefix_ids=[np.array([9, 9], np.int32), np.zeros(0, np.int32)], row_seeds=[2**62, 1])
+    back = decode(encode(request), expect=GenerationRequest)
+    assert back.rows_mode and back.response_indices == [0, 2] and back.row_seeds == [2**62, 1]
+    assert [p.tolist() for p in back.prefix_ids] == [[9, 9], []]
+    assert not decode(encode(dataclasses.replace(request, uids=["a", "b"], response_indices=None, prefix_ids=None,
+                                                 row_seeds=None))).rows_mode
+    with pytest.raises(WireError, match=r"duplicate \(uid, response index\) rows"):
+        encode(dataclasses.replace(request, response_indices=[1, 1]))
+    with pytest.raises(WireError, match="come together"):
+        encode(dataclasses.replace(request, row_seeds=None))

@@ -25,11 +25,11 @@ class BackgroundJob:
     """`python -m async_pmd.launch configs/cluster.yaml ...` with its output in `<tmp>/<name>.log`."""
 
     def __init__(self, tmp_path: Path, name: str, *overrides: str, model_dir: Path, new_session: bool = False,
-                 env: dict | None = None):
+                 env: dict | None = None, config: str = "cluster.yaml"):
         self.tmp_path, self.run_dir = tmp_path, tmp_path / name
         self.log_path = tmp_path / f"{name}.log"
         self.env = env or {**os.environ, "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "async_pmd.launch", str(REPO / "configs" / "cluster.yaml"),
+        cmd = [sys.executable, "-m", "async_pmd.launch", str(REPO / "configs" / config),
                f"trainer.output_dir={tmp_path}", f"trainer.experiment_name={name}", f"model.path={model_dir}",
                "trainer.save_freq=0", "checkpoint.export_hf=false", *overrides]
         with open(self.log_path, "w") as log:
