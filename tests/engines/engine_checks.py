@@ -86,3 +86,30 @@ def perturbed_state(model, seed: int = 1, scale: float = 0.5) -> dict[str, torch
     gen = torch.Generator().manual_seed(seed)
     return {k: v + scale * v.std().clamp(min=0.02) * torch.randn(v.shape, generator=gen)
             for k, v in model.state_dict().items()}
+
+
+def assert_segments_continue(engine, model, prompts, segment: int = 3, total: int = 9) -> None:
+    """Partial rollouts on a real engine: a response generated `segment` tokens at a time, each
+    segment sent back with prompt + tokens so far as its prompt, (a) greedy: equals the one
+    uninterrupted greedy generation; (b) sampled: every segment's log-probs equal teacher forcing
+    of the whole response so far from the original prompt. (Seeded sampled continuations do not
+    reproduce an uninterrupted sample on SGLang or vLLM: their seeds start a stream per request,
+    where the torch engine keys each draw by response and position.)"""
+    from async_pmd.engines import SamplingParams
+
+    for temperature in (0.0, 1.0):
+        whole = [g[0].token_ids.tolist() for g in engine.generate(
+            prompts, SamplingParams(max_new_tokens=total, temperature=temperature, ignore_eos=True, seed=3))]
+        so_far = [[] for _ in prompts]
+        for _ in range(total // segment):
+            rows = [list(p) + s for p, s in zip(prompts, so_far)]
+            outs = engine.generate(rows, SamplingParams(max_new_tokens=segment, temperature=temperature,
+                                                        ignore_eos=True, seed=4))
+            for i, group in enumerate(outs):
+                out = group[0]
+                want = teacher_forced(model, prompts[i], so_far[i] + out.token_ids.tolist(), temperature)
+                np.testing.assert_allclose(out.logprobs, want[len(so_far[i]):], atol=ATOL, rtol=0)
+                so_far[i] += out.token_ids.tolist()
+        assert all(len(s) == total for s in so_far)
+        if temperature == 0.0:
+            assert so_far == whole

@@ -26,6 +26,7 @@ from engine_checks import (
     ATOL,
     EOS,
     assert_logprobs_match,
+    assert_segments_continue,
     build_model,
     encode,
     greedy_reference,
@@ -196,6 +197,12 @@ def test_pause_aborts_an_in_flight_batch(engine, tokenizer):
         engine.resume()
     again = engine.generate(prompts, SamplingParams(max_new_tokens=4))
     assert all(o.finish_reason in ("stop", "length") for g in again for o in g)
+
+
+def test_a_response_continued_in_segments_is_the_uninterrupted_one(engine, original, tokenizer):
+    """Partial rollouts: greedy segments equal the uninterrupted greedy response; sampled segments
+    carry the log-probs of the whole response so far."""
+    assert_segments_continue(engine, original, encode(tokenizer))
 
 
 def test_flush_cache_succeeds_when_idle(engine):

@@ -20,15 +20,23 @@ import time
 import numpy as np
 import pytest
 import torch
+from engine_checks import (
+    ATOL,
+    EOS,
+    assert_logprobs_match,
+    assert_segments_continue,
+    build_model,
+    encode,
+    greedy_reference,
+    needs,
+    perturbed_state,
+    teacher_forced,
+)
 
 from async_pmd import models
 from async_pmd.config import VLLM_CPU_HEAD_DIMS, ConfigError, build_config
 from async_pmd.engines import SamplingParams, create_engine
 from async_pmd.preflight import check_runnable
-from engine_checks import (
-    ATOL, EOS, assert_logprobs_match, build_model, encode, greedy_reference, needs, perturbed_state,
-    teacher_forced,
-)
 
 pytestmark = [needs("vllm"), pytest.mark.timeout(300)]
 
@@ -70,6 +78,12 @@ def test_logprobs_equal_teacher_forcing(engine, original, tokenizer):
     assert assert_logprobs_match(original, prompts, outputs) >= 12
     cool = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=6, temperature=0.7, seed=1))
     assert_logprobs_match(original, prompts, cool, temperature=0.7)
+
+
+def test_a_response_continued_in_segments_is_the_uninterrupted_one(engine, original, tokenizer):
+    """Partial rollouts: greedy segments equal the uninterrupted greedy response; sampled segments
+    carry the log-probs of the whole response so far."""
+    assert_segments_continue(engine, original, encode(tokenizer))
 
 
 def test_top_k_logprobs_are_of_the_truncated_distribution(engine, original, tokenizer):
