@@ -33,11 +33,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+# As the job's actors have it (job/cluster.py): idle OpenMP threads sleep instead of spinning, or
+# the reference's second thread spins on a core that another process needs (read once, at load).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Roles that coordinate rather than generate or train (the "coordination actors").
 COORDINATION = ("RolloutDriver", "GroupBuffer", "RewardScorer", "WeightStore", "launcher", "ServeController")
@@ -79,7 +83,7 @@ class CpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> CpuSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
