@@ -55,7 +55,7 @@ def test_tiny_benchmark_through_the_cli(tmp_path):
     actors, both rates and their ratio, the start-up time and the per-step timings."""
     args = [sys.executable, str(SCRIPT), "--steps", "4", "--ref-steps", "3", "--window", "2",
             "--out", str(tmp_path)]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     for role in ("launcher", "LearnerRank", "Generator", "RolloutDriver", "GroupBuffer", "WeightStore"):
