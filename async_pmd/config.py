@@ -239,6 +239,10 @@ class ScorerConfig(Section):
     overlong_buffer: OverlongBuffer = OverlongBuffer()
     max_resp_len: int | None = Field(None, ge=1)
     """Response length the overlong penalty counts to; None = generator.response_length."""
+    inline_builtin: bool = True
+    """Score a pure-string built-in reward (`exact_match`, `add_mod10`, `reverse`; `synthetic` on
+    those tasks) in the replica's own thread: no worker process, no timeout. User rewards and
+    `math` always run in the worker processes."""
 
 
 class AlgorithmConfig(Section):
@@ -440,6 +444,14 @@ class ClusterConfig(Section):
         """Optimizer steps of the whole run (learner steps × mini-batches × epochs): the lr schedule's unit."""
         mini_batches = self.data.train_batch_size // (self.actor.ppo_mini_batch_size or self.data.train_batch_size)
         return self.trainer.total_steps * mini_batches * self.actor.ppo_epochs
+
+    @property
+    def scorer_inline(self) -> bool:
+        """Whether the scorer replicas score in their own thread (`scorer.inline_builtin` on a string built-in)."""
+        from async_pmd.rewards.builtin import is_string_reward
+
+        task = self.data.task if self.data.source == "synthetic" else None
+        return self.scorer.inline_builtin and is_string_reward(self.scorer.reward_fn, task)
 
     @property
     def max_resp_len(self) -> int:

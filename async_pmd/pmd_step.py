@@ -190,8 +190,9 @@ _TENSOR_FIELDS = ("prompts", "responses", "response_mask", "attention_mask", "ol
 
 
 def _to_torch(batch: TrainBatch, device: torch.device) -> dict[str, torch.Tensor]:
-    # The wire arrays are read-only views of the message buffer: copy before torch owns them.
-    return {name: torch.tensor(np.array(getattr(batch, name)), device=device) for name in _TENSOR_FIELDS}
+    # The wire arrays are read-only views of the message buffer: copy once (np.array), and let
+    # torch share that copy (as_tensor; torch.tensor would copy a second time).
+    return {name: torch.as_tensor(np.array(getattr(batch, name)), device=device) for name in _TENSOR_FIELDS}
 
 
 def train_on_batch(

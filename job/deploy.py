@@ -3,6 +3,10 @@
     WeightStore → GroupBuffer → LearnerGroup (restored, then publishes its weights) →
     Generator and RewardScorer deployments (pull those weights in __init__) → RolloutDriver
 
+A fresh run deploys the Serve apps while the learner ranks start (both take seconds, mostly
+imports): the generators then begin on `model.path`, which is version 0 itself. A resumed run
+keeps the order, so that its replicas start on the checkpoint's weights.
+
 Each actor receives the typed config sections it uses, cut from the config the launcher
 validated; nothing is validated again in another process.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +65,11 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
     buffer = GroupBuffer.options(name=names.BUFFER, namespace=ns).remote(
         algorithm=cfg.algorithm, buffer=cfg.buffer, group_size=cfg.generator.n, pad_token_id=pad_token_id,
         max_wire_bytes=cfg.wire.max_bytes)
-    learners = LearnerGroup(cfg)
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(LearnerGroup, cfg)
+        if resume_from is None:
+            deploy_serve(cfg)
+        learners = starting.result()
     restored, state = Restored(0, 0.0), None
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
@@ -69,7 +78,8 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
         restored = Restored(int(state["step"]), float(state.get("elapsed_s", 0.0)))
         logger.info("resumed from %s at step %d", resume_from, restored.step)
     learners.publish(restored.step)
-    deploy_serve(cfg)
+    if resume_from is not None:
+        deploy_serve(cfg)
     driver = RolloutDriver.options(name=names.DRIVER, namespace=ns).remote(
         data=cfg.data, generator=cfg.generator, buffer=cfg.buffer, driver=cfg.driver, model_path=cfg.model.path,
         namespace=ns, seed=cfg.trainer.seed)
@@ -92,10 +102,15 @@ def deploy_serve(cfg: ClusterConfig) -> None:
     scorer = RewardScorer.options(
         num_replicas=cfg.scorer.num_replicas, ray_actor_options={"num_cpus": cfg.scorer.num_cpus},
         max_ongoing_requests=cfg.scorer.max_ongoing_requests, logging_config=_QUIET,
-    ).bind(scorer=cfg.scorer, max_resp_len=cfg.max_resp_len, max_wire_bytes=cfg.wire.max_bytes)
-    # The external scaler lets `python -m async_pmd.scale` change replica counts in place.
-    serve.run(generator, name=names.GENERATOR_APP, route_prefix=None, external_scaler_enabled=not gen.autoscaling)
-    serve.run(scorer, name=names.SCORER_APP, route_prefix=None, external_scaler_enabled=True)
+    ).bind(scorer=cfg.scorer, max_resp_len=cfg.max_resp_len, max_wire_bytes=cfg.wire.max_bytes,
+           inline=cfg.scorer_inline)
+    # Both apps at once (their replicas start side by side). The external scaler lets
+    # `python -m async_pmd.scale` change replica counts in place.
+    serve.run_many([
+        serve.RunTarget(generator, name=names.GENERATOR_APP, route_prefix=None,
+                        external_scaler_enabled=not gen.autoscaling),
+        serve.RunTarget(scorer, name=names.SCORER_APP, route_prefix=None, external_scaler_enabled=True),
+    ])
 
 
 def generator_handle():

@@ -38,8 +38,10 @@ class GroupBuffer:
             pad_token_id=pad_token_id,
         )
         self._max_wire_bytes = max_wire_bytes
-        # Notified whenever groups arrive or leave: wakes a waiting take and a waiting put.
+        # Notified whenever groups arrive or leave: wakes a waiting take, a waiting put, and the
+        # driver's `watch` (its wake-up, instead of polling); `_changes` counts those moments.
         self._changed = asyncio.Condition()
+        self._changes = 0
         self._steps_taken = 0
         self._refused = 0  # ScoredBatch messages refused as malformed wire bytes
         self._put_waits = 0  # puts that had to wait for room (backpressure events)
@@ -64,7 +66,7 @@ class GroupBuffer:
                 except BufferFull:
                     self._put_waits += 1
                     await self._changed.wait()
-            self._changed.notify_all()
+            self._notify()
         self._reward_failures.update(s.removeprefix("failed:") for g in batch.groups
                                      for s in g.reward_status if s != "ok")
         return counts
@@ -85,10 +87,17 @@ class GroupBuffer:
                 except TimeoutError:
                     pass
             self._steps_taken = learner_step + 1
-            self._changed.notify_all()
+            self._notify()
         for staleness in learner_step - batch.policy_versions[::self._store.group_size]:  # one per group
             self._metrics.observe("staleness_steps", staleness)
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
+
+    async def watch(self, seen: int) -> int:
+        """Returns the change count once it is past `seen`: groups arrived, were taken or settled.
+        The driver awaits this (with its requests) instead of polling the buffer on a timer."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._changes > seen)
+        return self._changes
 
     def poll(self, with_state: bool = False, trained_steps: int | None = None
              ) -> tuple[list[tuple[str, str, int]], BufferStatus, dict | None]:
@@ -117,6 +126,10 @@ class GroupBuffer:
         self._reward_failures = Counter({str(k): int(v) for k, v in state.get("reward_failures", {}).items()})
 
     # ------------------------------------------------------------------ helpers
+
+    def _notify(self) -> None:
+        self._changes += 1
+        self._changed.notify_all()
 
     def _export_metrics(self) -> None:
         if not self._metrics.due():  # the driver polls many times a second

@@ -39,8 +39,6 @@ from async_pmd.status import BufferStatus, DriverStatus
 
 logger = logging.getLogger(__name__)
 
-_POLL_S = 0.02  # how often an idle driver looks at the buffer and the store
-
 
 def _failure_kind(exc: BaseException) -> str | None:
     """'retry' for a replica that died / was unreachable / timed out, None for a deterministic error."""
@@ -93,9 +91,17 @@ class RolloutDriver:
         self._failures: Counter[str] = Counter()  # failed attempts by exception type
         self._buffer_status = BufferStatus()
         self._metrics = telemetry.RoleMetrics("driver")
+        # The loop sleeps until something that may let it dispatch happens: a request settles, the
+        # buffer changes (`watch`), weights are published (`wait_newer`), or a call here syncs
+        # with the buffer or pauses, resumes or stops it (`_wake`). Each watch is one call in flight.
+        self._wake = asyncio.Event()
+        self._published = -1  # the newest version the store reported
+        self._buffer_seen = 0  # the buffer's change count at the last watch
+        self._watches: dict[str, asyncio.Future] = {}
 
     async def run(self) -> None:
         """Dispatch until `stop()`; returns when every request in flight has settled."""
+        self._published = await self._store.version.remote()
         while not self._stop.is_set():
             await self._sync_with_buffer()
             self._export_metrics()
@@ -105,16 +111,16 @@ class RolloutDriver:
                     self._stats["backpressure_waits"] += 1
                     break
                 self._launch(request)
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-            else:
-                await asyncio.sleep(_POLL_S)
+            await self._wait_for_change()
+        for watch in self._watches.values():
+            watch.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
         await self._sync_with_buffer()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def num_prompts(self) -> int:
         """Prompts in one epoch of the train split (after the length filter)."""
@@ -123,14 +129,16 @@ class RolloutDriver:
     def pause(self) -> None:
         """Stop dispatching new requests (those in flight continue)."""
         self._paused = True
+        self._wake.set()
 
     def resume(self) -> None:
         self._paused = False
+        self._wake.set()
 
     async def status(self, trained_steps: int | None = None) -> DriverStatus:
         """Accounting of the driver's side; `unfinished` = dispatched groups not yet settled.
         `trained_steps`: the learner steps done, so the buffer counts the last batch as trained."""
-        await self._sync_with_buffer(trained_steps=trained_steps)
+        await self._sync_from_outside(trained_steps=trained_steps)
         ledger = self._ledger
         return DriverStatus(dispatched=ledger.dispatched, failed=ledger.failed, reissued=ledger.reissued,
                             unfinished=len(ledger.unresolved) + len(self._pending),
@@ -141,7 +149,7 @@ class RolloutDriver:
         """Cursor, counters, pending prompts (unsettled groups), the fate of every prompt drawn and
         the buffer's state, read together so that every dispatched group is counted exactly once
         across a resume; a batch taken for a step >= `trained_steps` is pending, not trained."""
-        buffer_state = await self._sync_with_buffer(with_state=True, trained_steps=trained_steps)
+        buffer_state = await self._sync_from_outside(with_state=True, trained_steps=trained_steps)
         state = self._ledger.state_dict()
         state["pending"] += [pending_entry(uid, p) for uid, p in self._pending]
         out = {"source": self._source.state_dict(), "ledger": state, "buffer": buffer_state,
@@ -167,7 +175,7 @@ class RolloutDriver:
     # ------------------------------------------------------------------ helpers
 
     def _export_metrics(self) -> None:
-        if not self._metrics.due():  # the loop spins every _POLL_S while it waits
+        if not self._metrics.due():  # the loop wakes for every request and buffer change
             return
         ledger = self._ledger
         self._metrics.sync({"groups_dispatched_total": ledger.dispatched, "groups_failed_total": ledger.failed,
@@ -183,6 +191,31 @@ class RolloutDriver:
             self._fates.settle(uid, outcome, step)
         return state
 
+    async def _sync_from_outside(self, with_state: bool = False, trained_steps: int | None = None) -> dict | None:
+        """A sync asked for by the job: groups it settles may make room, so the loop looks again."""
+        before = len(self._ledger.unresolved)
+        state = await self._sync_with_buffer(with_state, trained_steps)
+        if len(self._ledger.unresolved) < before:
+            self._wake.set()
+        return state
+
+    async def _wait_for_change(self) -> None:
+        """Sleep until a request settles, the buffer changes, weights are published, or `_wake`."""
+        if "buffer" not in self._watches:
+            self._watches["buffer"] = asyncio.ensure_future(self._buffer.watch.remote(self._buffer_seen))
+        if "store" not in self._watches:
+            self._watches["store"] = asyncio.ensure_future(self._store.wait_newer.remote(self._published))
+        wake = asyncio.ensure_future(self._wake.wait())
+        await asyncio.wait({*self._tasks, *self._watches.values(), wake}, return_when=asyncio.FIRST_COMPLETED)
+        wake.cancel()
+        self._wake.clear()
+        for name in [n for n, w in self._watches.items() if w.done()]:
+            value = self._watches.pop(name).result()  # an actor's death raises here, ending run()
+            if name == "buffer":
+                self._buffer_seen = value
+            else:
+                self._published = value
+
     def _fail(self, uids: list[str]) -> None:
         for uid in self._ledger.fail(uids):
             self._fates.settle(uid, "failed")
@@ -194,10 +227,9 @@ class RolloutDriver:
         if self._pending:
             chunk, self._pending = self._pending[:k], self._pending[k:]
             return self._ledger.open([p for _, p in chunk], [u for u, _ in chunk], already_dispatched=True)
-        version = await self._store.version.remote()
         if not may_dispatch(
             steps_taken=self._buffer_status.steps_taken, outstanding=len(self._ledger.unresolved),
-            new=k, published_version=max(version, 0), batch_groups=self._data.train_batch_size,
+            new=k, published_version=max(self._published, 0), batch_groups=self._data.train_batch_size,
             max_staleness=self._buffer_cfg.max_staleness, capacity_groups=self._buffer_cfg.capacity_groups,
         ):
             return None

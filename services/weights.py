@@ -11,6 +11,7 @@ so a replica added by scaling starts on the newest weights).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -33,6 +34,7 @@ class WeightStore:
         self._published = 0
         self._last_publish_s = 0.0
         self._metrics = telemetry.RoleMetrics("weights")
+        self._published_event = asyncio.Event()  # set and replaced on each publish: wakes `wait_newer`
 
     def publish(self, version: int, payload: np.ndarray) -> float:
         """Keep `payload` (NamedTensors wire bytes) as `version`; an old version is ignored.
@@ -45,9 +47,7 @@ class WeightStore:
             logger.info("ignoring publish of version %d (have %d)", version, self._version)
             return 0.0
         self._ref, self._sender = ray.put(payload), None
-        self._version = version
-        self._published += 1
-        self._metrics.set("version", version)
+        self._moved_to(version)
         self._last_publish_s = time.perf_counter() - start
         return self._last_publish_s
 
@@ -58,12 +58,24 @@ class WeightStore:
             logger.info("ignoring announce of version %d (have %d)", version, self._version)
             return
         self._ref, self._sender = None, (sender, sender_id)
+        self._moved_to(version)
+
+    def _moved_to(self, version: int) -> None:
         self._version = version
         self._published += 1
         self._metrics.set("version", version)
+        self._published_event.set()
+        self._published_event = asyncio.Event()
 
     def version(self) -> int:
         """The newest version, -1 before the first publish."""
+        return self._version
+
+    async def wait_newer(self, version: int) -> int:
+        """The newest version once it is past `version` (at once if it already is): the driver's
+        wake-up on a publish, instead of asking for the version on a timer."""
+        while self._version <= version:
+            await self._published_event.wait()
         return self._version
 
     def latest(self) -> tuple[int, list[ray.ObjectRef], tuple[ray.actor.ActorHandle, str] | None]:

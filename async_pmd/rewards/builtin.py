@@ -94,6 +94,17 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
 }
 
 
+# Pure string comparisons: microseconds, and they cannot hang. `math` (sympy) can, and so can
+# any user reward; those always run in the scorer's worker processes.
+STRING_REWARDS = frozenset({"exact_match", "add_mod10", "reverse"})
+
+
+def is_string_reward(spec: str, task: str | None = None) -> bool:
+    """Whether reward `spec` is a pure-string built-in; `synthetic` is one on such a `task`."""
+    spec = spec.strip()
+    return spec in STRING_REWARDS or (spec == "synthetic" and task in STRING_REWARDS)
+
+
 def _strip_eos(response: str, extra: dict) -> str:
     eos = extra.get("eos_token")
     if isinstance(eos, str) and eos and response.endswith(eos):

@@ -203,3 +203,18 @@ def test_a_config_that_can_never_dispatch_is_refused_naming_the_keys():
         assert key in str(err.value)
     build_config({}, ["data.train_batch_size=8", "generator.prompts_per_request=16", "buffer.max_staleness=1",
                       "buffer.capacity_groups=64"])
+
+
+@pytest.mark.parametrize("overrides, inline", [
+    ([], True),  # the demo: synthetic add_mod10, a string comparison
+    (["data.task=reverse"], True),
+    (["scorer.reward_fn=exact_match"], True),
+    (["data.task=gsm_tiny"], False),  # falls back to math-verify (sympy), which can hang
+    (["scorer.reward_fn=math"], False),
+    (["scorer.reward_fn=tests/data/faulty_reward.py:reward"], False),  # user code: always a worker process
+    (["scorer.inline_builtin=false"], False),
+])
+def test_scorer_scores_inline_only_string_builtins(overrides, inline):
+    """`scorer_inline` is the config's decision: pure-string built-ins in the replica's thread,
+    everything else (math, user files) in the worker processes that a hang cannot outlive."""
+    assert load_config(REPO / "configs" / "cluster.yaml", overrides).scorer_inline is inline

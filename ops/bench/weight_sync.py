@@ -1,0 +1,141 @@
+"""Weight sync as the model grows: publish → every replica current, against one memcpy.
+
+    .venv/bin/python ops/bench/weight_sync.py [--sizes tiny 25m 150m] [--replicas 2] [--repeats 5]
+
+For random Qwen2 models of each size (float32), the object-store path the job takes every
+`weight_sync.interval` steps, timed from the learner's side until every replica is current:
+
+- publish (in this process, standing for learner rank 0): the full state dict cloned to CPU as
+  `ds_engine.full_state_dict` does at ZeRO ≤ 2, `wire.named_tensors_to_wire` + `encode_array`,
+  and `WeightStore.publish` (the store `ray.put`s the bytes it is handed);
+- pull (in each of `--replicas` Ray actors, each a `TorchEngine` of the same architecture, as in a
+  generator replica's `_load`): `WeightStore.latest`, fetch, `wire.decode`, `to_torch`,
+  `engine.update_weights` (in-place copy); all replicas pull at once.
+
+The baseline is one plain `torch` memcpy of the same number of bytes (one flat float32 buffer
+into another) in this process, measured in the same run: the cost of moving the bytes once. The
+table prints medians over `--repeats` syncs and the ratio to the memcpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# name -> Qwen2 shape; parameter counts are printed from the built model.
+SIZES = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128, "vocab_size": 32},
+    "25m": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "intermediate_size": 1408, "vocab_size": 8192},
+    "150m": {"hidden_size": 1024, "num_hidden_layers": 10, "num_attention_heads": 16, "num_key_value_heads": 8,
+             "intermediate_size": 2816, "vocab_size": 16384},
+}
+
+
+def build_model(shape: dict, seed: int):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(**shape, max_position_embeddings=64, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from async_pmd import wire
+    from services.weights import WeightStore
+
+    torch.set_num_threads(1)
+    ray.init(address="local", num_cpus=args.replicas + 1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+
+    @ray.remote(num_cpus=1)
+    class Replica:
+        """A generator replica's weight path: fetch → decode → in-place load into a TorchEngine."""
+
+        def __init__(self, shape: dict, store):
+            import torch
+
+            from async_pmd.engines.torch_engine import TorchEngine
+
+            torch.set_num_threads(1)
+            self._engine = TorchEngine(build_model(shape, seed=1))
+            self._store = store
+
+        def pull(self) -> float:
+            start = time.perf_counter()
+            version, refs, _ = ray.get(self._store.latest.remote())
+            msg = wire.decode(ray.get(refs[0]), max_bytes=2**34, expect=wire.NamedTensors)
+            self._engine.update_weights(msg.to_torch(), version)
+            return time.perf_counter() - start
+
+    rows = []
+    try:
+        for size in args.sizes:
+            model = build_model(SIZES[size], seed=0)
+            params = sum(p.numel() for p in model.parameters())
+            store = WeightStore.remote()
+            replicas = [Replica.remote(SIZES[size], store) for _ in range(args.replicas)]
+            syncs, publishes, pulls, nbytes = [], [], [], 0
+            for version in range(1, args.repeats + 2):  # the first sync warms the path: left out
+                start = time.perf_counter()
+                state = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters()}
+                payload = wire.encode_array(wire.named_tensors_to_wire(state, version), max_bytes=2**34)
+                ray.get(store.publish.remote(version, payload))
+                published = time.perf_counter()
+                pull_s = ray.get([r.pull.remote() for r in replicas])
+                done = time.perf_counter()
+                nbytes = payload.nbytes
+                del state, payload
+                if version > 1:
+                    syncs.append(done - start)
+                    publishes.append(published - start)
+                    pulls.append(max(pull_s))
+            flat = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
+            into = torch.empty_like(flat)
+            copies = []
+            for _ in range(args.repeats + 1):
+                start = time.perf_counter()
+                into.copy_(flat)
+                copies.append(time.perf_counter() - start)
+            memcpy = statistics.median(copies[1:])
+            rows.append((size, params, nbytes, statistics.median(publishes), statistics.median(pulls),
+                         statistics.median(syncs), memcpy))
+            for actor in (*replicas, store):
+                ray.kill(actor)
+            del model, flat, into
+    finally:
+        ray.shutdown()
+
+    print(f"\n{args.replicas} replicas, float32, median of {args.repeats} syncs; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print("| model | parameters | MB | publish ms | slowest replica's pull ms | publish → all current ms "
+          "| one memcpy ms | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for size, params, nbytes, pub, pull, sync, memcpy in rows:
+        print(f"| {size} | {params / 1e6:.2f} M | {nbytes / 2**20:.1f} | {pub * 1e3:.1f} | {pull * 1e3:.1f} | "
+              f"{sync * 1e3:.1f} | {memcpy * 1e3:.2f} | {sync / memcpy:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The driver's wake-ups instead of a timer: `GroupBuffer.watch` returns only once the buffer
+changed (groups put, a batch taken), and `WeightStore.wait_newer` only once a newer version is
+published; both return at once when the change already happened. So an idle driver sleeps on
+these calls and does no work until something it waits for moves."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import ray
+from bad_wire import scored_batch
+
+from async_pmd import wire
+from async_pmd.config import AlgorithmConfig, BufferConfig
+from services.buffer import GroupBuffer
+from services.weights import WeightStore
+
+N = 8
+
+
+def test_buffer_watch_returns_on_a_put_and_on_a_take():
+    """Change counts 0 → 1 (a put of 2 groups) → 2 (a take of them); a watch of an older count
+    returns that count at once, a watch of the current one waits for the next change."""
+    buffer = GroupBuffer.__ray_actor_class__(
+        algorithm=AlgorithmConfig(), buffer=BufferConfig(capacity_groups=64), group_size=N, pad_token_id=0,
+        max_wire_bytes=2**20)
+
+    async def scenario():
+        waiting = asyncio.create_task(buffer.watch(0))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # nothing changed yet
+        await buffer.put(wire.encode(scored_batch(["g0", "g1"], N)))
+        assert await waiting == 1
+        waiting = asyncio.create_task(buffer.watch(1))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        batch, metrics = await buffer.take(2, learner_step=0, timeout_s=1.0)
+        assert batch is not None and metrics
+        assert await waiting == 2
+        assert await buffer.watch(0) == 2  # already past: at once
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_store_wait_newer_returns_on_a_publish(local_ray):
+    """wait_newer(-1) waits for the first publish; wait_newer(0) for version 1, not for a
+    re-publish of 0 (ignored); wait_newer of an older version returns the newest at once."""
+    store = WeightStore.remote()
+    payload = np.zeros(16, np.uint8)
+    first = store.wait_newer.remote(-1)
+    assert ray.wait([first], timeout=0.5)[1] == [first]  # still waiting: nothing published
+    ray.get(store.publish.remote(0, payload))
+    assert ray.get(first, timeout=30) == 0
+    second = store.wait_newer.remote(0)
+    ray.get(store.publish.remote(0, payload))  # an old version changes nothing
+    assert ray.wait([second], timeout=0.5)[1] == [second]
+    ray.get(store.publish.remote(1, payload))
+    assert ray.get(second, timeout=30) == 1
+    assert ray.get(store.wait_newer.remote(-1), timeout=30) == 1
+    assert ray.get(store.version.remote()) == 1
