@@ -1,6 +1,7 @@
 """Weight sync as the model grows: publish → every replica current, against one memcpy.
 
     .venv/bin/python ops/bench/weight_sync.py [--sizes tiny 25m 150m] [--replicas 2] [--repeats 5]
+        [--transport object_store|collective]
 
 For random Qwen2 models of each size (float32), the object-store path the job takes every
 `weight_sync.interval` steps, timed from the learner's side until every replica is current:
@@ -11,6 +12,12 @@ For random Qwen2 models of each size (float32), the object-store path the job ta
 - pull (in each of `--replicas` Ray actors, each a `TorchEngine` of the same architecture, as in a
   generator replica's `_load`): `WeightStore.latest`, fetch, `wire.decode`, `to_torch`,
   `engine.update_weights` (in-place copy); all replicas pull at once.
+
+With `--transport collective` (`weight_sync.transport: collective`): publish is the clone alone;
+each replica has joined a gloo group with this process (rank 0, as learner rank 0 is) through the
+torch engine's `init_weight_sync_group`, and receives every tensor by broadcast through its
+`update_weights_from_distributed` while this process sends to all replicas at once (a thread per
+group, as rank 0 serves replicas' calls in threads).
 
 The baseline is one plain `torch` memcpy of the same number of bytes (one flat float32 buffer
 into another) in this process, measured in the same run: the cost of moving the bytes once. The
@@ -57,12 +64,15 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--transport", choices=["object_store", "collective"], default="object_store")
     args = parser.parse_args()
 
     import ray
     import torch
 
-    from async_pmd import wire
+    from concurrent.futures import ThreadPoolExecutor
+
+    from async_pmd import weight_broadcast, wire
     from services.weights import WeightStore
 
     torch.set_num_threads(1)
@@ -82,6 +92,17 @@ def main() -> None:
             self._engine = TorchEngine(build_model(shape, seed=1))
             self._store = store
 
+        def join(self, port: int, group: str) -> None:
+            self._engine.init_weight_sync_group(master_address="127.0.0.1", master_port=port, rank_offset=1,
+                                                world_size=2, group_name=group, backend="gloo")
+            self._group = group
+
+        def receive(self, manifest: dict) -> float:
+            start = time.perf_counter()
+            self._engine.update_weights_from_distributed(manifest["names"], manifest["dtypes"], manifest["shapes"],
+                                                         manifest["version"], group_name=self._group)
+            return time.perf_counter() - start
+
         def pull(self) -> float:
             start = time.perf_counter()
             version, refs, _ = ray.get(self._store.latest.remote())
@@ -96,17 +117,38 @@ def main() -> None:
             params = sum(p.numel() for p in model.parameters())
             store = WeightStore.remote()
             replicas = [Replica.remote(SIZES[size], store) for _ in range(args.replicas)]
+            groups = []
+            if args.transport == "collective":
+                for i, replica in enumerate(replicas):
+                    rendezvous, name = weight_broadcast.host_store(2, 300), f"bench_{size}_{i}"
+                    joined = replica.join.remote(rendezvous.port, name)
+                    groups.append(weight_broadcast.open_group(
+                        store=rendezvous, master_address="127.0.0.1", master_port=rendezvous.port, rank=0,
+                        world_size=2, group_name=name, backend="gloo", timeout_s=300))
+                    ray.get(joined)
+            senders = ThreadPoolExecutor(max(1, len(groups)))
             syncs, publishes, pulls, nbytes = [], [], [], 0
             for version in range(1, args.repeats + 2):  # the first sync warms the path: left out
                 start = time.perf_counter()
                 state = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters()}
-                payload = wire.encode_array(wire.named_tensors_to_wire(state, version), max_bytes=2**34)
-                ray.get(store.publish.remote(version, payload))
-                published = time.perf_counter()
-                pull_s = ray.get([r.pull.remote() for r in replicas])
+                if groups:
+                    m = weight_broadcast.Manifest.of(state, version)
+                    manifest = {"version": version, "names": list(m.names), "dtypes": list(m.dtypes),
+                                "shapes": [list(x) for x in m.shapes]}
+                    published = time.perf_counter()
+                    receiving = [r.receive.remote(manifest) for r in replicas]
+                    list(senders.map(lambda g: weight_broadcast.send(state, g), groups))
+                    pull_s = ray.get(receiving)
+                    nbytes = sum(t.nbytes for t in state.values())
+                    del state
+                else:
+                    payload = wire.encode_array(wire.named_tensors_to_wire(state, version), max_bytes=2**34)
+                    ray.get(store.publish.remote(version, payload))
+                    published = time.perf_counter()
+                    pull_s = ray.get([r.pull.remote() for r in replicas])
+                    nbytes = payload.nbytes
+                    del state, payload
                 done = time.perf_counter()
-                nbytes = payload.nbytes
-                del state, payload
                 if version > 1:
                     syncs.append(done - start)
                     publishes.append(published - start)
@@ -121,13 +163,16 @@ def main() -> None:
             memcpy = statistics.median(copies[1:])
             rows.append((size, params, nbytes, statistics.median(publishes), statistics.median(pulls),
                          statistics.median(syncs), memcpy))
+            for group in groups:
+                weight_broadcast.close(group)
+            senders.shutdown()
             for actor in (*replicas, store):
                 ray.kill(actor)
             del model, flat, into
     finally:
         ray.shutdown()
 
-    print(f"\n{args.replicas} replicas, float32, median of {args.repeats} syncs; load average "
+    print(f"\n{args.transport}, {args.replicas} replicas, float32, median of {args.repeats} syncs; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print("| model | parameters | MB | publish ms | slowest replica's pull ms | publish → all current ms "
           "| one memcpy ms | ratio |")
