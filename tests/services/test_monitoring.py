@@ -30,7 +30,8 @@ DASHBOARD = REPO / "ops" / "grafana" / "async_pmd.json"
 _HISTOGRAM_SUFFIX = re.compile(r"_(bucket|count|sum)$")
 # Counters that count rare events: no series until the event happens once (Ray cannot inc by 0).
 ONLY_WHEN_IT_HAPPENS = {"async_pmd_buffer_put_waits_total", "async_pmd_driver_groups_failed_total",
-                        "async_pmd_driver_retries_total"}
+                        "async_pmd_driver_retries_total",
+                        "async_pmd_actor_weight_broadcast_seconds"}  # weight_sync.transport: collective only
 
 
 def _render_module():
