@@ -229,9 +229,7 @@ class Trainer:
     def _finish(self) -> None:
         driver = self.services.driver
         ray.get(driver.pause.remote())
-        deadline = time.monotonic() + _DRAIN_S
-        while time.monotonic() < deadline and ray.get(driver.status.remote()).inflight_requests:
-            time.sleep(0.1)
+        ray.get(driver.drain.remote(_DRAIN_S))
         self.save()
         counts = record.accounting(ray.get(driver.status.remote(trained_steps=self.step)))
         self.last_metrics.update(counts)

@@ -131,6 +131,13 @@ class RolloutDriver:
         self._paused = True
         self._wake.set()
 
+    async def drain(self, timeout_s: float) -> int:
+        """Wait until every request in flight has settled (after `pause`, no new ones start) or
+        `timeout_s` has passed; returns how many are still in flight."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        return len(self._tasks)
+
     def resume(self) -> None:
         self._paused = False
         self._wake.set()
@@ -251,18 +258,10 @@ class RolloutDriver:
                 await self._chain(request)
                 self._stats["max_attempt"] = max(self._stats["max_attempt"], request.attempt)
                 return
-            except Exception as exc:  # noqa: BLE001 - every failure is classified and counted below
-                retry = _failure_kind(exc)
-                self._failures[type(exc).__name__] += 1  # e.g. RayServeException (replica died), TimeoutError
-                logger.warning("request %d attempt %d failed: %r", request.request_id, request.attempt, exc)
-                if retry is None:
-                    self._stats["deterministic_failures"] += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is classified and counted in _retryable
+                if not self._retryable(request.request_id, request.attempt, exc):
                     self._fail(request.uids)
                     return
-                if request.attempt >= self._cfg.max_attempts:
-                    self._fail(request.uids)
-                    return
-                self._stats["retries"] += 1
                 request = self._ledger.reissue(request)
                 if request is None:
                     return
@@ -274,13 +273,20 @@ class RolloutDriver:
             request.request_id, request.attempt, request.uids, request.prompts,
             sampling={"seed": self._sampling_seed(request)}))
         rollouts = self._generator.generate.remote(payload)
-        scored = self._scorer.score.remote(rollouts)
+        await self._put_scored(self._scorer.score.remote(rollouts), request.uids)
+
+    async def _resolved(self, response) -> ray.ObjectRef:
+        """A Serve response's object ref once its value exists; TimeoutError past the request timeout."""
         timeout_s = self._generator_cfg.request_timeout_s
-        ref = await asyncio.wait_for(scored._to_object_ref(), timeout_s)
+        ref = await asyncio.wait_for(response._to_object_ref(), timeout_s)
         await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
-        counts = await self._buffer.put.remote(ref)
+        return ref
+
+    async def _put_scored(self, scored, uids: list[str]) -> None:
+        """The scorer's answer (by ref, never fetched here) into the buffer; a refused batch fails its groups."""
+        counts = await self._buffer.put.remote(await self._resolved(scored))
         if counts.get("refused"):
-            self._fail(request.uids)
+            self._fail(uids)
 
     def _sampling_seed(self, request: Request) -> int:
         """A seed from trainer.seed, the request's uids and its attempt: a retried request samples
@@ -346,10 +352,8 @@ class RolloutDriver:
     async def _generate_rows(self, request: RowsRequest) -> wire.SegmentBatch:
         self._stats["requests"] += 1
         payload = wire.encode_array(rows_request(request.request_id, request.attempt, request.rows, {}))
-        response = self._generator.generate.remote(payload)
-        ref = await asyncio.wait_for(response._to_object_ref(), self._generator_cfg.request_timeout_s)
-        data = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self._generator_cfg.request_timeout_s)
-        return wire.decode(data, expect=wire.SegmentBatch)
+        ref = await self._resolved(self._generator.generate.remote(payload))
+        return wire.decode(await ref, expect=wire.SegmentBatch)
 
     async def _score_and_put(self, request_id: int, groups: list[wire.RolloutGroup]) -> None:
         """scorer → buffer for complete groups, retried like a request (they are not regenerated)."""
@@ -357,13 +361,7 @@ class RolloutDriver:
         payload = wire.encode_array(wire.RolloutBatch(groups=groups))
         for attempt in itertools.count(1):
             try:
-                scored = self._scorer.score.remote(payload)
-                timeout_s = self._generator_cfg.request_timeout_s
-                ref = await asyncio.wait_for(scored._to_object_ref(), timeout_s)
-                await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
-                counts = await self._buffer.put.remote(ref)
-                if counts.get("refused"):
-                    self._fail(uids)
+                await self._put_scored(self._scorer.score.remote(payload), uids)
                 return
             except Exception as exc:  # noqa: BLE001 - classified and counted as in _run_request
                 if not self._retryable(request_id, attempt, exc):

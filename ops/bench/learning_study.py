@@ -21,7 +21,9 @@ setting and seed, one run at a time, then reads each run's `metrics.jsonl` and w
 With `--lrs`, each setting first runs at each learning rate on `--sweep-seeds` (seeds that are
 not the reported ones), the best rate per setting is chosen (most sweep seeds reaching 0.9, then
 the fewest median samples to it, then the highest final reward; `sweep.md` / `sweep.json`), and
-the reported `--seeds` run at that rate: every method is compared at its own best rate.
+the reported `--seeds` run at that rate: every method is compared at its own best rate. A setting
+whose best is the config's own rate (`actor.lr`) reports runs at that rate under their plain names,
+so the default's runs count for it.
 
 A seed changes the tiny model's initialisation (`model.tiny.seed`, one model directory per seed),
 the data order (`data.seed`) and the learner's torch seed (`trainer.seed`); sampling is fresh
@@ -80,6 +82,18 @@ FINAL_STEPS = 100  # the final reward and entropy are means over the last this m
 
 
 # ---------------------------------------------------------------- running
+
+
+def config_value(key: str, overrides: list[str]) -> float:
+    """A number of the demo config, as the extra `key=value` overrides leave it."""
+    for override in reversed(overrides):
+        name, _, value = override.partition("=")
+        if name == key:
+            return float(value)
+    node = yaml.safe_load((REPO / "configs" / "cluster.yaml").read_text())
+    for part in key.split("."):
+        node = node[part]
+    return float(node)
 
 
 def run_name(setting: str, seed: int, lr: float | None = None) -> str:
@@ -368,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.lrs and set(args.seeds) & set(args.sweep_seeds):
         parser.error("--sweep-seeds must not be among the reported --seeds")
-    lrs: dict[str, float | None] = sweep(out, args) if args.lrs else {}
+    chosen: dict[str, float] = sweep(out, args) if args.lrs else {}
+    # A setting whose best rate is the config's own reports the runs made at the config's rate.
+    config_lr = config_value("actor.lr", args.overrides)
+    lrs: dict[str, float | None] = {s: None if lr == config_lr else lr for s, lr in chosen.items()}
     if not args.plot_only:
         run_all(out, args.settings, args.seeds, args.steps, args.overrides, lrs)
     runs = collect(out, args.settings, args.seeds, args.steps, lrs)
@@ -376,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no runs under {out / 'runs'}", file=sys.stderr)
         return 1
     summary = summarize(runs, args.window)
-    for setting, lr in lrs.items():
+    for setting, lr in chosen.items():
         if setting in summary:
             summary[setting]["lr"] = lr
             summary[setting]["label"] += f", lr {lr:g}"

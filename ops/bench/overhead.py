@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -161,8 +162,13 @@ class PlainEngine:
         return 1  # the norm comes from get_global_grad_norm
 
 
-def reference_loop(cfg, steps: int, threads: int, target: float, window: int) -> dict:
-    """The job's algorithm in one process; stops after `steps` steps. Returns its rates."""
+def reference_loop(cfg, steps: int, threads: int, target: float, window: int,
+                   on_step: Callable[[dict], None] | None = None, max_generated: int | None = None) -> dict:
+    """The job's algorithm in one process; stops after `steps` steps (or once `max_generated`
+    responses were sampled). Returns its rates. `on_step` gets each step's record: reward and
+    entropy, the share of zero-signal groups, responses sampled so far, and (prompt, mean reward)
+    per group sampled. Under `algorithm.band_filter: drop` a step samples batch after batch until
+    the buffer holds enough groups in band, as the job's driver does."""
     import torch
 
     from async_pmd import pmd_step, wire
@@ -190,33 +196,48 @@ def reference_loop(cfg, steps: int, threads: int, target: float, window: int) ->
     gen = cfg.generator
     params = SamplingParams(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
                             max_new_tokens=gen.response_length, n=gen.n)
-    batch_groups, reward_curve = cfg.data.train_batch_size, []
+    batch_groups, reward_curve, generated, drawn = cfg.data.train_batch_size, [], 0, 0
     start = time.perf_counter()
+    def over_budget() -> bool:
+        return max_generated is not None and generated >= max_generated
+
     for step in range(steps):
-        prompts = source.next_batch(batch_groups)
-        outputs = sampler.generate([p.token_ids for p in prompts], params)
-        groups = []
-        for i, (p, outs) in enumerate(zip(prompts, outputs)):
-            ids = [np.asarray(o.token_ids, np.int32) for o in outs]
-            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            r, status, extra = rewards.score_group(p.text, texts, p.answer, dict(p.extra))
-            rollout = wire.RolloutGroup(
-                uid=f"s{step}-{i}", prompt_ids=np.asarray(p.token_ids, np.int32), response_ids=ids,
-                logprobs=[np.asarray(o.logprobs, np.float32) for o in outs],
-                finish_reasons=[o.finish_reason for o in outs], policy_version=step, prompt_text=p.text,
-                response_texts=texts, answer=p.answer, sample_index=p.index, extra={})
-            groups.append(wire.ScoredGroup.from_rollout(rollout, r, status, extra))
-        store.put(wire.ScoredBatch(groups=groups))
-        batch, _ = store.take(batch_groups, step)
+        batch, sampled = None, []
+        while batch is None and not over_budget():
+            prompts = source.next_batch(batch_groups)
+            outputs = sampler.generate([p.token_ids for p in prompts], params)
+            groups = []
+            for p, outs in zip(prompts, outputs):
+                ids = [np.asarray(o.token_ids, np.int32) for o in outs]
+                texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+                r, status, extra = rewards.score_group(p.text, texts, p.answer, dict(p.extra))
+                drawn += 1
+                rollout = wire.RolloutGroup(
+                    uid=f"g{drawn:09d}", prompt_ids=np.asarray(p.token_ids, np.int32), response_ids=ids,
+                    logprobs=[np.asarray(o.logprobs, np.float32) for o in outs],
+                    finish_reasons=[o.finish_reason for o in outs], policy_version=step, prompt_text=p.text,
+                    response_texts=texts, answer=p.answer, sample_index=p.index, extra={})
+                groups.append(wire.ScoredGroup.from_rollout(rollout, r, status, extra))
+                sampled.append((p.text, float(np.mean(r))))
+            generated += len(prompts) * gen.n
+            store.put(wire.ScoredBatch(groups=groups))
+            batch, batch_metrics = store.take(batch_groups, step)
+        if batch is None:
+            break
         model.train(False)
-        pmd_step.train_on_batch(engine, batch, actor, 0, 1, temperature=gen.temperature,
-                                max_response_length=gen.response_length)
+        train_metrics = pmd_step.train_on_batch(engine, batch, actor, 0, 1, temperature=gen.temperature,
+                                                max_response_length=gen.response_length)
         store.confirm(step + 1)
         reward_curve.append(float(np.mean(batch.rewards)))
+        if on_step is not None:
+            on_step({"step": step + 1, "reward": reward_curve[-1], "entropy": train_metrics.get("actor/entropy"),
+                     "zero_signal": batch_metrics.get("groups/zero_signal"), "generated": generated,
+                     "seconds": time.perf_counter() - start, "groups": sampled})
     seconds = time.perf_counter() - start
+    steps = len(reward_curve)
     samples = steps * batch_groups * gen.n
     reached = first_reaching(np.asarray(reward_curve), target, window)
-    per_step = seconds / steps
+    per_step = seconds / max(steps, 1)
     return {"steps": steps, "seconds": seconds, "samples_s": samples / seconds,
             "steps_to_target": reached, "samples_to_target": None if reached is None else reached * batch_groups * gen.n,
             "seconds_to_target": None if reached is None else reached * per_step,

@@ -90,10 +90,18 @@ def test_tiny_study_through_the_cli(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert sorted(summary) == ["ploo"] and summary["ploo"]["steps"] == 3
     assert summary["ploo"]["lr"] == sweep["chosen"]["ploo"]
-    assert (tmp_path / "runs" / f"ploo_lr{sweep['chosen']['ploo']:g}_s0" / "metrics.jsonl").is_file()
+    # 1e-4 is the demo config's own rate: chosen, its reported run is the plain one
+    reported = "ploo_s0" if sweep["chosen"]["ploo"] == 1e-4 else "ploo_lr0.0003_s0"
+    assert (tmp_path / "runs" / reported / "metrics.jsonl").is_file()
     assert (tmp_path / "learning_study.png").stat().st_size < 200_000
     assert "ploo + opmd (τ 1), lr" in (tmp_path / "learning_study.md").read_text()
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already") == 3
     refused = subprocess.run([*args[:5], "7", *args[6:]], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "must not be among the reported" in refused.stderr
+
+
+def test_config_value_reads_the_demo_config_under_the_overrides():
+    assert study.config_value("actor.lr", []) == 1e-4  # configs/cluster.yaml
+    assert study.config_value("actor.lr", ["actor.lr=3e-4", "data.seed=1"]) == 3e-4
+    assert study.config_value("actor.lr", ["actor.lr=3e-4", "actor.lr=2e-4"]) == 2e-4  # the last one wins
