@@ -275,16 +275,17 @@ class RolloutDriver:
         rollouts = self._generator.generate.remote(payload)
         await self._put_scored(self._scorer.score.remote(rollouts), request.uids)
 
-    async def _resolved(self, response) -> ray.ObjectRef:
-        """A Serve response's object ref once its value exists; TimeoutError past the request timeout."""
+    async def _resolved(self, response) -> tuple[ray.ObjectRef, object]:
+        """A Serve response's object ref and its value; TimeoutError past the request timeout."""
         timeout_s = self._generator_cfg.request_timeout_s
         ref = await asyncio.wait_for(response._to_object_ref(), timeout_s)
-        await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
-        return ref
+        value = await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
+        return ref, value
 
     async def _put_scored(self, scored, uids: list[str]) -> None:
-        """The scorer's answer (by ref, never fetched here) into the buffer; a refused batch fails its groups."""
-        counts = await self._buffer.put.remote(await self._resolved(scored))
+        """The scorer's answer into the buffer, passed by ref; a refused batch fails its groups."""
+        ref, _ = await self._resolved(scored)
+        counts = await self._buffer.put.remote(ref)
         if counts.get("refused"):
             self._fail(uids)
 
@@ -352,8 +353,8 @@ class RolloutDriver:
     async def _generate_rows(self, request: RowsRequest) -> wire.SegmentBatch:
         self._stats["requests"] += 1
         payload = wire.encode_array(rows_request(request.request_id, request.attempt, request.rows, {}))
-        ref = await self._resolved(self._generator.generate.remote(payload))
-        return wire.decode(await ref, expect=wire.SegmentBatch)
+        _, data = await self._resolved(self._generator.generate.remote(payload))
+        return wire.decode(data, expect=wire.SegmentBatch)
 
     async def _score_and_put(self, request_id: int, groups: list[wire.RolloutGroup]) -> None:
         """scorer → buffer for complete groups, retried like a request (they are not regenerated)."""
