@@ -275,14 +275,18 @@ def _panel(ax, runs, settings, x_key, y_key, window, labels, xscale=1.0):
     ax.grid(alpha=0.3)
 
 
-def plot(runs: dict[str, list[dict[str, np.ndarray]]], path: Path, window: int, title: str) -> None:
+def plot(runs: dict[str, list[dict[str, np.ndarray]]], path: Path, window: int, title: str,
+         labels: dict[str, str] | None = None) -> list[str]:
+    """`labels` names each setting's lines (default: its SETTINGS label); returns the legends' entries."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {s: SETTINGS[s][0] if s in SETTINGS else s for s in runs}
-    tau_labels = {s: f"{'ploo_exact' if 'exact' in s else 'ploo'} + opmd, τ {t:g}" for s, t in TAU_SWEEP.items()}
+    labels = {s: SETTINGS[s][0] if s in SETTINGS else s for s in runs} | (labels or {})
+    # τ-panel names, keeping what `labels` adds to a setting's own (", lr 2e-4" of a swept one)
+    tau_labels = {s: f"{'ploo_exact' if 'exact' in s else 'ploo'} + opmd, τ {t:g}"
+                     f"{labels.get(s, '').removeprefix(SETTINGS[s][0])}" for s, t in TAU_SWEEP.items()}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=80)
     (a, b), (c, d) = axes
     _panel(a, runs, ESTIMATORS, "samples", "reward", window, labels, 1e3)
@@ -298,13 +302,15 @@ def plot(runs: dict[str, list[dict[str, np.ndarray]]], path: Path, window: int, 
     for ax in (a, b, d):
         ax.axhline(0.8, color="grey", linestyle=":", linewidth=1)
         ax.axhline(0.9, color="grey", linestyle="--", linewidth=1)
+    entries = []
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
+            entries += [text.get_text() for text in ax.legend(fontsize=8, loc="best").get_texts()]
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return entries
 
 
 # ---------------------------------------------------------------- main
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"configs/cluster.yaml: a+b= mod 10, tiny Qwen2, 32 prompts × 8 responses per step\n"
              f"seeds per setting {'/'.join(map(str, seeds))}; line = mean over seeds, band = min–max; "
              f"reward smoothed over {args.window} steps")
-    plot(runs, out / "learning_study.png", args.window, title)
+    plot(runs, out / "learning_study.png", args.window, title, {s: row["label"] for s, row in summary.items()})
     print(table)
     print(f"wrote {out / 'learning_study.png'}, {out / 'learning_study.md'}, {out / 'summary.json'}")
     if args.publish is not None:

@@ -71,9 +71,12 @@ def test_best_lr_prefers_reaching_then_speed_then_final_reward():
 def test_plot_writes_a_small_png(tmp_path):
     runs = {s: [fake_run(np.linspace(0, 0.9, 300)), fake_run(np.linspace(0, 0.8, 280))]
             for s in ("ploo", "rloo", "grpo", "ploo_tau0.1", "ploo_tau0.01")}
-    study.plot(runs, tmp_path / "p.png", window=20, title="test")
+    entries = study.plot(runs, tmp_path / "p.png", window=20, title="test", labels={"ploo": "ploo + opmd (τ 1), lr 0.0002"})
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "p.png").stat().st_size < 200_000
+    # a swept setting is named with its rate, in the estimator panels and in the τ panel
+    assert entries.count("ploo + opmd (τ 1), lr 0.0002 (n=2)") == 3 and "ploo + opmd, τ 1, lr 0.0002 (n=2)" in entries
+    assert "rloo + opmd (n=2)" in entries and "ploo + opmd, τ 0.1 (n=2)" in entries
 
 
 @pytest.mark.slow
