@@ -96,6 +96,12 @@ def config_value(key: str, overrides: list[str]) -> float:
     return float(node)
 
 
+def reported_lrs(chosen: dict[str, float], config_lr: float) -> dict[str, float | None]:
+    """The rate each setting's reported runs are named by: None (the plain name) where the sweep
+    chose the config's own rate, so the default's runs count for it."""
+    return {setting: None if lr == config_lr else lr for setting, lr in chosen.items()}
+
+
 def run_name(setting: str, seed: int, lr: float | None = None) -> str:
     return f"{setting}_s{seed}" if lr is None else f"{setting}_lr{lr:g}_s{seed}"
 
@@ -389,9 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lrs and set(args.seeds) & set(args.sweep_seeds):
         parser.error("--sweep-seeds must not be among the reported --seeds")
     chosen: dict[str, float] = sweep(out, args) if args.lrs else {}
-    # A setting whose best rate is the config's own reports the runs made at the config's rate.
-    config_lr = config_value("actor.lr", args.overrides)
-    lrs: dict[str, float | None] = {s: None if lr == config_lr else lr for s, lr in chosen.items()}
+    lrs = reported_lrs(chosen, config_value("actor.lr", args.overrides))
     if not args.plot_only:
         run_all(out, args.settings, args.seeds, args.steps, args.overrides, lrs)
     runs = collect(out, args.settings, args.seeds, args.steps, lrs)

@@ -1,6 +1,6 @@
 """ops/bench/learning_study.py: the smoothing, the samples/seconds-to-threshold table (median and
 min over seeds, seeds that never get there counted as infinitely slow) worked out by hand, and a
-tiny real study (2 settings, 1 seed, a few steps) through the CLI."""
+tiny real study (one setting swept on one seed, reported on another, a few steps) through the CLI."""
 
 import importlib.util
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "ops" / "bench" / "learning_study.py"
@@ -81,27 +82,33 @@ def test_plot_writes_a_small_png(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_study_through_the_cli(tmp_path):
-    """One setting swept over two learning rates on a sweep seed, then reported on another seed at
+    """One setting swept over a learning rate on a sweep seed, then reported on another seed at
     the chosen rate, a few steps each: real runs of the demo config, then the plot, the tables and
-    the summary; a second call finds the runs done and only redraws."""
+    the summary; a second call finds the runs done and only redraws. (The choice among several
+    rates is `best_lr`'s, tested above.)"""
     args = [sys.executable, str(SCRIPT), "--steps", "3", "--seeds", "0", "--settings", "ploo",
-            "--lrs", "1e-4", "3e-4", "--sweep-seeds", "7", "--window", "2", "--out", str(tmp_path)]
+            "--lrs", "3e-4", "--sweep-seeds", "7", "--window", "2", "--out", str(tmp_path)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
     sweep = json.loads((tmp_path / "sweep.json").read_text())
-    assert sorted(sweep["runs"]["ploo"]) == ["0.0001", "0.0003"] and sweep["chosen"]["ploo"] in (1e-4, 3e-4)
+    assert sorted(sweep["runs"]["ploo"]) == ["0.0003"] and sweep["chosen"]["ploo"] == 3e-4
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert sorted(summary) == ["ploo"] and summary["ploo"]["steps"] == 3
-    assert summary["ploo"]["lr"] == sweep["chosen"]["ploo"]
-    # 1e-4 is the demo config's own rate: chosen, its reported run is the plain one
-    reported = "ploo_s0" if sweep["chosen"]["ploo"] == 1e-4 else "ploo_lr0.0003_s0"
-    assert (tmp_path / "runs" / reported / "metrics.jsonl").is_file()
+    assert sorted(summary) == ["ploo"] and summary["ploo"]["steps"] == 3 and summary["ploo"]["lr"] == 3e-4
+    assert (tmp_path / "runs" / "ploo_lr0.0003_s7" / "metrics.jsonl").is_file()  # the sweep run
+    assert (tmp_path / "runs" / "ploo_lr0.0003_s0" / "metrics.jsonl").is_file()  # the reported one
+    config = yaml.safe_load((tmp_path / "runs" / "ploo_lr0.0003_s0" / "config.yaml").read_text())
+    assert config["actor"]["lr"] == 3e-4 and config["data"]["seed"] == 0 and config["trainer"]["seed"] == 0
     assert (tmp_path / "learning_study.png").stat().st_size < 200_000
-    assert "ploo + opmd (τ 1), lr" in (tmp_path / "learning_study.md").read_text()
+    assert "ploo + opmd (τ 1), lr 0.0003" in (tmp_path / "learning_study.md").read_text()
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done already") == 3
+    assert again.returncode == 0 and again.stdout.count("done already") == 2
     refused = subprocess.run([*args[:5], "7", *args[6:]], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "must not be among the reported" in refused.stderr
+
+
+def test_a_sweep_choosing_the_configs_own_rate_reports_the_plain_runs():
+    assert study.reported_lrs({"ploo": 1e-4, "grpo": 2e-4}, config_lr=1e-4) == {"ploo": None, "grpo": 2e-4}
+    assert study.run_name("ploo", 3, None) == "ploo_s3" and study.run_name("grpo", 3, 2e-4) == "grpo_lr0.0002_s3"
 
 
 def test_config_value_reads_the_demo_config_under_the_overrides():
