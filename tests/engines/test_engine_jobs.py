@@ -67,7 +67,7 @@ def _kill_while_generating(job: subprocess.Popen) -> int:
     return replica.pid
 
 
-def _run_with_kills(kind: str, tmp_path: Path) -> tuple[dict, list[dict], dict]:
+def _run_with_kills(kind: str, tmp_path: Path) -> tuple[list[dict], list[dict], dict]:
     """Kill the replica at step KILL_AT_STEP, and again (up to MAX_KILLS) while no kill has
     caught a request on it: the driver's `driver/retries` in the records says when one did."""
     run_dir = tmp_path / "runs" / "job"
@@ -87,24 +87,24 @@ def _run_with_kills(kind: str, tmp_path: Path) -> tuple[dict, list[dict], dict]:
             time.sleep(0.2)
         return records
 
-    seen: dict = {"kills": []}
+    kills: list[dict] = []
     try:
         step = KILL_AT_STEP
-        while len(seen["kills"]) < MAX_KILLS:
+        while len(kills) < MAX_KILLS:
             retries_before = wait_for_step(step)[-1]["driver/retries"]
-            seen.update(pid=_kill_while_generating(job), step=len(_records(run_dir)))
-            records = wait_for_step(seen["step"] + 3)  # a replacement replica is serving
-            seen["kills"].append({"step": seen["step"], "pid": seen["pid"],
-                                  "reissued": records[-1]["driver/retries"] - retries_before})
-            if seen["kills"][-1]["reissued"] > 0:
+            pid = _kill_while_generating(job)
+            step = len(_records(run_dir))
+            records = wait_for_step(step + 3)  # a replacement replica is serving
+            kills.append({"step": step, "pid": pid, "reissued": records[-1]["driver/retries"] - retries_before})
+            if kills[-1]["reissued"] > 0:
                 break
-            step = seen["step"] + 3
+            step += 3
         assert job.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-3000:]
     finally:
         if job.poll() is None:
             job.kill()
         log.close()
-    return seen, _records(run_dir), json.loads((run_dir / "accounting.json").read_text())
+    return kills, _records(run_dir), json.loads((run_dir / "accounting.json").read_text())
 
 
 @pytest.fixture(scope="module", params=["sglang", "vllm"])
@@ -118,23 +118,23 @@ def job(request, tmp_path_factory):
 
 @pytest.mark.timeout(900)
 def test_a_killed_replica_is_replaced_and_its_requests_reissued_with_nothing_lost(job):
-    kind, seen, records, accounting = job
+    kind, kills, records, accounting = job
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for record in records:
         settled = sum(record[f"groups/{k}"] for k in ("trained", "filtered", "stale", "failed", "unfinished"))
         assert record["groups/dispatched"] == settled, record
         assert record["groups/duplicate"] == 0, record
-    assert seen["kills"][-1]["reissued"] >= 1, seen  # a dead replica held work in flight
+    assert kills[-1]["reissued"] >= 1, kills  # a dead replica held work in flight
     assert accounting["groups/failed"] == 0, accounting  # and every re-issue then succeeded
-    assert accounting["generator"]["pid"] not in {k["pid"] for k in seen["kills"]}  # a new replica served the rest
+    assert accounting["generator"]["pid"] not in {k["pid"] for k in kills}  # a new replica served the rest
 
 
 @pytest.mark.timeout(900)
 def test_the_new_replica_loads_each_steps_weights_through_the_engine(job):
-    kind, seen, records, accounting = job
+    kind, kills, records, accounting = job
     generator = accounting["generator"]
     # The replacement started on the newest published weights and pulled nearly every later step's.
-    assert generator["start_version"] >= seen["step"] - 1, generator
+    assert generator["start_version"] >= kills[-1]["step"] - 1, generator
     assert generator["weight_pulls"] >= (STEPS - generator["start_version"]) // 2, generator
     assert generator["policy_version"] >= STEPS - 2, generator
     assert generator["weight_transport"] == ("collective" if kind == "sglang" else "object_store"), generator
