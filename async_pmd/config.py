@@ -241,8 +241,9 @@ class ScorerConfig(Section):
     """Response length the overlong penalty counts to; None = generator.response_length."""
     inline_builtin: bool = True
     """Score a pure-string built-in reward (`exact_match`, `add_mod10`, `reverse`; `synthetic` on
-    those tasks) in the replica's own thread: no worker process, no timeout. User rewards and
-    `math` always run in the worker processes."""
+    those tasks) in the generator replica that sampled the responses, in its own thread: no
+    RewardScorer hop, no worker process, no timeout (with partial rollouts: in the scorer
+    replica's thread). User rewards and `math` always run in the scorer's worker processes."""
 
 
 class AlgorithmConfig(Section):
@@ -452,6 +453,13 @@ class ClusterConfig(Section):
 
         task = self.data.task if self.data.source == "synthetic" else None
         return self.scorer.inline_builtin and is_string_reward(self.scorer.reward_fn, task)
+
+    @property
+    def score_in_generator(self) -> bool:
+        """Whether the generator replicas score their own responses, so that no RewardScorer is
+        deployed and a request makes one hop less: an inline reward, unless partial rollouts are
+        on (the driver assembles those groups and sends them to the scorer)."""
+        return self.scorer_inline and not self.generator.partial_rollout.enable
 
     @property
     def max_resp_len(self) -> int:

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.role == "status":
-            result = {role: scaling.replicas(role) for role in scaling.ROLES}
+            result = {role: scaling.replicas(role) for role in scaling.deployed_roles()}
         else:
             result = {args.role: scaling.scale(args.role, args.num_replicas, timeout_s=args.timeout_s,
                                                allow_pending=args.allow_pending)["after"]}

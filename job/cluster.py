@@ -54,7 +54,7 @@ def local_cpus(cfg: ClusterConfig) -> int:
     """Logical CPUs for a private Ray: the machine's, or what the reservations need if more."""
     gen = cfg.generator.autoscaling.max_replicas if cfg.generator.autoscaling else cfg.generator.num_replicas
     need = gen * cfg.generator.num_cpus + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank \
-        + cfg.scorer.num_replicas * cfg.scorer.num_cpus
+        + (0 if cfg.score_in_generator else cfg.scorer.num_replicas * cfg.scorer.num_cpus)
     return cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
 
 
@@ -95,7 +95,7 @@ def asks(cfg: ClusterConfig) -> list[Ask]:
     gen, sc, lc = cfg.generator, cfg.scorer, cfg.learner
     replicas = (gen.autoscaling.min_replicas or 1) if gen.autoscaling else gen.num_replicas
     return ([Ask(f"Generator replica {i}", gen.num_cpus, gen.num_gpus) for i in range(replicas)]
-            + [Ask(f"RewardScorer replica {i}", sc.num_cpus) for i in range(sc.num_replicas)]
+            + [Ask(f"RewardScorer replica {i}", sc.num_cpus) for i in range(0 if cfg.score_in_generator else sc.num_replicas)]
             + [Ask(f"LearnerRank {r}", lc.num_cpus_per_rank, lc.num_gpus_per_rank) for r in range(lc.num_ranks)])
 
 

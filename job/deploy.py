@@ -3,6 +3,8 @@
     WeightStore → GroupBuffer → LearnerGroup (restored, then publishes its weights) →
     Generator and RewardScorer deployments (pull those weights in __init__) → RolloutDriver
 
+(no RewardScorer when the generators score a pure-string reward: `ClusterConfig.score_in_generator`)
+
 A fresh run deploys the Serve apps while the learner ranks start (both take seconds, mostly
 imports): the generators then begin on `model.path`, which is version 0 itself. A resumed run
 keeps the order, so that its replicas start on the checkpoint's weights.
@@ -82,7 +84,7 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
         deploy_serve(cfg)
     driver = RolloutDriver.options(name=names.DRIVER, namespace=ns).remote(
         data=cfg.data, generator=cfg.generator, buffer=cfg.buffer, driver=cfg.driver, model_path=cfg.model.path,
-        namespace=ns, seed=cfg.trainer.seed)
+        namespace=ns, seed=cfg.trainer.seed, scored_by_generator=cfg.score_in_generator)
     if state is not None:
         ray.get(driver.load_state_dict.remote(state["driver"]))
     return Services(store, buffer, learners, driver, driver.run.remote()), restored
@@ -98,19 +100,19 @@ def deploy_serve(cfg: ClusterConfig) -> None:
         max_ongoing_requests=gen.max_ongoing_requests, graceful_shutdown_timeout_s=gen.graceful_shutdown_timeout_s,
         health_check_period_s=gen.health_check_period_s, logging_config=_QUIET, **scaling,
     ).bind(generator=gen, model=cfg.model, max_prompt_length=cfg.data.max_prompt_length, namespace=cfg.ray.namespace,
-           weight_sync=cfg.weight_sync, max_wire_bytes=cfg.wire.max_bytes)
-    scorer = RewardScorer.options(
-        num_replicas=cfg.scorer.num_replicas, ray_actor_options={"num_cpus": cfg.scorer.num_cpus},
-        max_ongoing_requests=cfg.scorer.max_ongoing_requests, logging_config=_QUIET,
-    ).bind(scorer=cfg.scorer, max_resp_len=cfg.max_resp_len, max_wire_bytes=cfg.wire.max_bytes,
-           inline=cfg.scorer_inline)
-    # Both apps at once (their replicas start side by side). The external scaler lets
-    # `python -m async_pmd.scale` change replica counts in place.
-    serve.run_many([
-        serve.RunTarget(generator, name=names.GENERATOR_APP, route_prefix=None,
-                        external_scaler_enabled=not gen.autoscaling),
-        serve.RunTarget(scorer, name=names.SCORER_APP, route_prefix=None, external_scaler_enabled=True),
-    ])
+           weight_sync=cfg.weight_sync, max_wire_bytes=cfg.wire.max_bytes,
+           **({"scorer": cfg.scorer, "max_resp_len": cfg.max_resp_len} if cfg.score_in_generator else {}))
+    # The external scaler lets `python -m async_pmd.scale` change replica counts in place.
+    targets = [serve.RunTarget(generator, name=names.GENERATOR_APP, route_prefix=None,
+                               external_scaler_enabled=not gen.autoscaling)]
+    if not cfg.score_in_generator:  # the generators score a pure-string reward themselves
+        scorer = RewardScorer.options(
+            num_replicas=cfg.scorer.num_replicas, ray_actor_options={"num_cpus": cfg.scorer.num_cpus},
+            max_ongoing_requests=cfg.scorer.max_ongoing_requests, logging_config=_QUIET,
+        ).bind(scorer=cfg.scorer, max_resp_len=cfg.max_resp_len, max_wire_bytes=cfg.wire.max_bytes,
+               inline=cfg.scorer_inline)
+        targets.append(serve.RunTarget(scorer, name=names.SCORER_APP, route_prefix=None, external_scaler_enabled=True))
+    serve.run_many(targets)  # both apps at once: their replicas start side by side
 
 
 def generator_handle():

@@ -145,14 +145,12 @@ class Trainer:
         payload, take_metrics = taken
         wait_s = time.perf_counter() - start
         train_start = time.perf_counter()
-        metrics = self.services.learners.train_step(payload)
-        metrics["timing/train_s"] = time.perf_counter() - train_start
+        publish = (self.step + 1) % self.cfg.weight_sync.interval == 0
+        # The publish rides on the step's own call: one round trip to the ranks per step.
+        metrics = self.services.learners.train_step(payload, self.step + 1 if publish else None)
+        sync_s = metrics.get("timing/weight_publish_s", 0.0)
+        metrics["timing/train_s"] = time.perf_counter() - train_start - sync_s
         self.step += 1
-        sync_s = 0.0
-        if self.step % self.cfg.weight_sync.interval == 0:
-            sync_start = time.perf_counter()
-            metrics.update(self.services.learners.publish(self.step))
-            sync_s = time.perf_counter() - sync_start
         metrics.update(take_metrics)
         metrics.update({"timing/step_s": time.perf_counter() - start, "timing/wait_batch_s": wait_s,
                         "timing/weight_sync_s": sync_s})

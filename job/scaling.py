@@ -36,14 +36,31 @@ def _controller():
     return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
 
 
+def _deployments() -> dict[str, dict]:
+    """Role -> the controller's details of its deployment (Serve's `DeploymentDetails` as a
+    dict), for the roles deployed."""
+    apps = ray.get(_controller().get_serve_instance_details.remote())["applications"]
+    return {role: apps[app]["deployments"][name] for role, (app, name) in ROLES.items()
+            if name in apps.get(app, {}).get("deployments", {})}
+
+
+def deployed_roles() -> list[str]:
+    """The roles the job deployed (no scorers when the generators score: `scorer.inline_builtin`);
+    ScaleError when there are no generators (no job)."""
+    roles = list(_deployments())
+    if "generators" not in roles:
+        deployment("generators")
+    return roles
+
+
 def deployment(role: str) -> dict:
-    """The controller's details of `role`'s deployment (Serve's `DeploymentDetails` as a dict)."""
-    app, name = ROLES[role]
-    details = ray.get(_controller().get_serve_instance_details.remote())
     try:
-        return details["applications"][app]["deployments"][name]
+        return _deployments()[role]
     except KeyError:
-        raise ScaleError(f"no Serve deployment {app}/{name} in this Ray: is the job running?") from None
+        app, name = ROLES[role]
+        hint = (" (or the generators score the reward themselves: a pure-string built-in with "
+                "scorer.inline_builtin, so there is no scorer to scale)" if role == "scorers" else "")
+        raise ScaleError(f"no Serve deployment {app}/{name} in this Ray: is the job running?{hint}") from None
 
 
 def replicas(role: str, with_status: bool = True) -> list[dict]:

@@ -1,6 +1,7 @@
 """Validation: the val split sampled at the weights the generators serve now (verl's `_validate`).
 
-The requests go straight to the Generator and RewardScorer deployments, never through the
+The requests go straight to the Generator and RewardScorer deployments (the Generator alone when
+it scores: `ClusterConfig.score_in_generator`), never through the
 RolloutDriver or the GroupBuffer: the data cursor, the buffer, and the learner's weights and
 optimizer are untouched, and training rollouts keep flowing meanwhile. The pure parts (request
 building, the `val/*` metrics) are `async_pmd.validation`.
@@ -36,9 +37,12 @@ class Validator:
         requests = validation.build_requests(
             self._prompts, sampling=validation.val_sampling(cfg.generator.val_kwargs),
             prompts_per_request=cfg.generator.prompts_per_request, tag=f"val{step}")
-        generator, scorer = generator_handle(), scorer_handle()
+        generator = generator_handle()
+        scorer = None if cfg.score_in_generator else scorer_handle()
         # All requests go out before any result is awaited, so every replica can work on them.
-        responses = [scorer.score.remote(generator.generate.remote(wire.encode_array(r))) for r in requests]
+        responses = [generator.generate.remote(wire.encode_array(r)) for r in requests]
+        if scorer is not None:
+            responses = [scorer.score.remote(r) for r in responses]
         groups = [g for response in responses for g in wire.decode(
             response.result(timeout_s=cfg.generator.request_timeout_s),
             max_bytes=cfg.wire.max_bytes, expect=wire.ScoredBatch).groups]

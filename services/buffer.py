@@ -42,6 +42,10 @@ class GroupBuffer:
         # driver's `watch` (its wake-up, instead of polling); `_changes` counts those moments.
         self._changed = asyncio.Condition()
         self._changes = 0
+        # Settled groups the driver has not acknowledged yet; entry i has sequence number
+        # `_settled_from + i` (the driver acknowledges by count, see `report`).
+        self._settled: list[tuple[str, str, int]] = []
+        self._settled_from = 0
         self._steps_taken = 0
         self._refused = 0  # ScoredBatch messages refused as malformed wire bytes
         self._put_waits = 0  # puts that had to wait for room (backpressure events)
@@ -92,22 +96,30 @@ class GroupBuffer:
             self._metrics.observe("staleness_steps", staleness)
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
 
-    async def watch(self, seen: int) -> int:
-        """Returns the change count once it is past `seen`: groups arrived, were taken or settled.
-        The driver awaits this (with its requests) instead of polling the buffer on a timer."""
+    async def watch(self, seen: int, acked: int) -> tuple[int, int, list[tuple[str, str, int]], BufferStatus]:
+        """Once the change count is past `seen` (groups arrived, were taken or settled): that count
+        and the driver's view (`report`). The driver awaits this, with its requests, instead of
+        polling the buffer on a timer, and learns what settled from the same call."""
         async with self._changed:
             await self._changed.wait_for(lambda: self._changes > seen)
-        return self._changes
+        return self._changes, *self.report(acked)[:3]
 
-    def poll(self, with_state: bool = False, trained_steps: int | None = None
-             ) -> tuple[list[tuple[str, str, int]], BufferStatus, dict | None]:
-        """The driver's view, read atomically: (uid, outcome, step) settled since the last poll, the
-        status, and (for a checkpoint) the state, so the driver's pending list and these counters
-        agree. `trained_steps`, from the learner loop, confirms the last batch taken as trained."""
+    def report(self, acked: int, with_state: bool = False, trained_steps: int | None = None
+               ) -> tuple[int, list[tuple[str, str, int]], BufferStatus, dict | None]:
+        """The driver's view, read atomically: (sequence number of the first entry, the (uid,
+        outcome, step) settled after the first `acked` ones, the status, and for a checkpoint the
+        state), so the driver's pending list and these counters agree. Idempotent: entries stay
+        until a later call acknowledges them, so a reply the driver drops (a cancelled watch)
+        loses nothing. `trained_steps`, from the learner loop, confirms the last batch as trained."""
         if trained_steps is not None:
             self._store.confirm(trained_steps)
+        self._settled += self._store.drain_resolved()
+        done = min(max(acked - self._settled_from, 0), len(self._settled))
+        del self._settled[:done]
+        self._settled_from += done
         self._export_metrics()
-        return self._store.drain_resolved(), self.status(), self.state_dict() if with_state else None
+        return (self._settled_from, list(self._settled), self.status(),
+                self.state_dict() if with_state else None)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -132,7 +144,7 @@ class GroupBuffer:
         self._changed.notify_all()
 
     def _export_metrics(self) -> None:
-        if not self._metrics.due():  # the driver polls many times a second
+        if not self._metrics.due():  # the driver's reports come many times a second
             return
         counters = self._store.counters
         self._metrics.set("groups_held", counters.pop("held"))

@@ -1,4 +1,5 @@
-"""RolloutDriver: prompts in, bounded generation requests out, each chained generator → scorer → buffer.
+"""RolloutDriver: prompts in, bounded generation requests out, each chained generator → scorer → buffer
+(generator → buffer when the generators score a pure-string reward themselves).
 
 Draws prompts from the data source (its cursor is checkpointed), keeps at most
 `driver.max_inflight_requests` requests in flight, and admits new groups only while their
@@ -65,7 +66,7 @@ class RolloutDriver:
     """Owns the prompt source and the ledger; `run()` is its long-lived loop."""
 
     def __init__(self, *, data: DataConfig, generator: GeneratorConfig, buffer: BufferConfig,
-                 driver: DriverConfig, model_path: str, namespace: str, seed: int):
+                 driver: DriverConfig, model_path: str, namespace: str, seed: int, scored_by_generator: bool = False):
         self._data, self._generator_cfg, self._buffer_cfg, self._cfg = data, generator, buffer, driver
         self._seed = seed  # trainer.seed: with a request's uids and attempt, fixes its sampling
         self._tokenizer = load_tokenizer(model_path)
@@ -80,7 +81,9 @@ class RolloutDriver:
         self._fates = FateRecord()  # one fate per prompt drawn, by dispatch ordinal
         self._pending: list[tuple[str, Prompt]] = []  # restored from a checkpoint; re-issued first
         self._generator = serve.get_deployment_handle(names.GENERATOR_DEPLOYMENT, app_name=names.GENERATOR_APP)
-        self._scorer = serve.get_deployment_handle(names.SCORER_DEPLOYMENT, app_name=names.SCORER_APP)
+        # None when the generators score (`ClusterConfig.score_in_generator`): no scorer hop.
+        self._scorer = None if scored_by_generator else serve.get_deployment_handle(
+            names.SCORER_DEPLOYMENT, app_name=names.SCORER_APP)
         self._buffer = ray.get_actor(names.BUFFER, namespace=namespace)
         self._store = ray.get_actor(names.WEIGHT_STORE, namespace=namespace)
         self._tasks: set[asyncio.Task] = set()  # one per request in flight
@@ -97,13 +100,16 @@ class RolloutDriver:
         self._wake = asyncio.Event()
         self._published = -1  # the newest version the store reported
         self._buffer_seen = 0  # the buffer's change count at the last watch
+        self._acked = 0  # settled groups taken from the buffer's reports (its sequence numbers)
         self._watches: dict[str, asyncio.Future] = {}
 
     async def run(self) -> None:
         """Dispatch until `stop()`; returns when every request in flight has settled."""
         self._published = await self._store.version.remote()
+        await self._sync_with_buffer()
         while not self._stop.is_set():
-            await self._sync_with_buffer()
+            # Buffer reports come with its watch; a request that settled meanwhile leaves this
+            # view behind, which only delays a dispatch (fewer settled, fewer steps taken).
             self._export_metrics()
             while not self._paused and len(self._tasks) < self._cfg.max_inflight_requests:
                 request = await self._next_request()
@@ -192,11 +198,19 @@ class RolloutDriver:
         self._metrics.set("groups_unsettled", len(ledger.unresolved) + len(self._pending))
 
     async def _sync_with_buffer(self, with_state: bool = False, trained_steps: int | None = None) -> dict | None:
-        resolved, self._buffer_status, state = await self._buffer.poll.remote(with_state, trained_steps)
-        self._ledger.resolve([uid for uid, _, _ in resolved])
-        for uid, outcome, step in resolved:
-            self._fates.settle(uid, outcome, step)
+        first, settled, status, state = await self._buffer.report.remote(self._acked, with_state, trained_steps)
+        self._apply_report(first, settled, status)
         return state
+
+    def _apply_report(self, first: int, settled: list[tuple[str, str, int]], status: BufferStatus) -> None:
+        """Settle the groups of a buffer report not settled yet (reports overlap until acknowledged)."""
+        new = settled[max(self._acked - first, 0):]
+        self._ledger.resolve([uid for uid, _, _ in new])
+        for uid, outcome, step in new:
+            self._fates.settle(uid, outcome, step)
+        self._acked = max(self._acked, first + len(settled))
+        if status.steps_taken >= self._buffer_status.steps_taken:  # a late reply never rolls it back
+            self._buffer_status = status
 
     async def _sync_from_outside(self, with_state: bool = False, trained_steps: int | None = None) -> dict | None:
         """A sync asked for by the job: groups it settles may make room, so the loop looks again."""
@@ -209,7 +223,7 @@ class RolloutDriver:
     async def _wait_for_change(self) -> None:
         """Sleep until a request settles, the buffer changes, weights are published, or `_wake`."""
         if "buffer" not in self._watches:
-            self._watches["buffer"] = asyncio.ensure_future(self._buffer.watch.remote(self._buffer_seen))
+            self._watches["buffer"] = asyncio.ensure_future(self._buffer.watch.remote(self._buffer_seen, self._acked))
         if "store" not in self._watches:
             self._watches["store"] = asyncio.ensure_future(self._store.wait_newer.remote(self._published))
         wake = asyncio.ensure_future(self._wake.wait())
@@ -219,7 +233,8 @@ class RolloutDriver:
         for name in [n for n, w in self._watches.items() if w.done()]:
             value = self._watches.pop(name).result()  # an actor's death raises here, ending run()
             if name == "buffer":
-                self._buffer_seen = value
+                self._buffer_seen, *report = value
+                self._apply_report(*report)
             else:
                 self._published = value
 
@@ -267,13 +282,14 @@ class RolloutDriver:
                     return
 
     async def _chain(self, request: Request) -> None:
-        """generator → scorer → buffer, passing object refs; only the buffer's counts come back here."""
+        """generator → scorer → buffer (generator → buffer when the generator scores), passing
+        object refs; only the buffer's counts come back here."""
         self._stats["requests"] += 1
         payload = wire.encode_array(generation_request(
             request.request_id, request.attempt, request.uids, request.prompts,
             sampling={"seed": self._sampling_seed(request)}))
         rollouts = self._generator.generate.remote(payload)
-        await self._put_scored(self._scorer.score.remote(rollouts), request.uids)
+        await self._put_scored(rollouts if self._scorer is None else self._scorer.score.remote(rollouts), request.uids)
 
     async def _resolved(self, response) -> tuple[ray.ObjectRef, object]:
         """A Serve response's object ref and its value; TimeoutError past the request timeout."""

@@ -2,7 +2,9 @@
 
 Takes `GenerationRequest` bytes from the RolloutDriver and returns `RolloutBatch` bytes (one
 group of `n` responses per prompt, each tagged with the policy version that sampled it; the
-sampling log-probs are π_old of the PMD loss). Weights flow by pull: a replica loads the newest
+sampling log-probs are π_old of the PMD loss), or `ScoredBatch` bytes when the reward is a
+pure-string built-in (`ClusterConfig.score_in_generator`): scoring it here costs microseconds,
+a hop to the RewardScorer costs a request. Weights flow by pull: a replica loads the newest
 published weights in `__init__` (so a replica added by scaling is current before Serve routes to
 it) and checks the WeightStore's version before each batch, loading newer weights between
 batches, never during one. They come as wire bytes from the object store, or (`weight_sync.transport:
@@ -29,9 +31,10 @@ from ray import serve
 from ray.exceptions import RayActorError
 
 from async_pmd import names, telemetry, weight_broadcast, wire
-from async_pmd.config import GeneratorConfig, ModelConfig, WeightSyncConfig
+from async_pmd.config import GeneratorConfig, ModelConfig, ScorerConfig, WeightSyncConfig
 from async_pmd.engines import SamplingParams, create_engine, engine_options
 from async_pmd.models import load_tokenizer
+from async_pmd.rewards import runner_for
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,14 @@ class Generator:
     """One replica: an engine, its tokenizer (for response texts), and a handle on the store."""
 
     def __init__(self, *, generator: GeneratorConfig, model: ModelConfig, max_prompt_length: int,
-                 namespace: str, weight_sync: WeightSyncConfig, max_wire_bytes: int):
+                 namespace: str, weight_sync: WeightSyncConfig, max_wire_bytes: int,
+                 scorer: ScorerConfig | None = None, max_resp_len: int | None = None):
         self._cfg = generator
+        # `ClusterConfig.score_in_generator`: a pure-string reward, scored here, in microseconds;
+        # the answer is then a ScoredBatch and no RewardScorer hop follows.
+        self._runner = runner_for(scorer, max_resp_len, inline=True) if scorer is not None else None
+        self._scorer_metrics = None if scorer is None else telemetry.RoleMetrics(
+            "scorer", replica=serve.get_replica_context().replica_tag)
         self._weight_sync = weight_sync
         self._weight_group: tuple[str, str] | None = None  # `collective`: (sender's actor id, group name)
         self._max_wire_bytes = max_wire_bytes
@@ -68,7 +77,8 @@ class Generator:
 
     @telemetry.tracked
     async def generate(self, request: bytes | np.ndarray) -> np.ndarray:
-        """RolloutBatch bytes for one GenerationRequest (SegmentBatch bytes for a rows-mode one)."""
+        """RolloutBatch bytes for one GenerationRequest, ScoredBatch bytes when this replica scores
+        (SegmentBatch bytes for a rows-mode request)."""
         req = wire.decode(request, max_bytes=self._max_wire_bytes, expect=wire.GenerationRequest)
         if req.rows_mode:
             rows = [p.tolist() + x.tolist() for p, x in zip(req.prompt_ids, req.prefix_ids)]
@@ -85,6 +95,9 @@ class Generator:
             batch = self._segments(req, [outs[0] for outs in outputs])
         else:
             batch = wire.RolloutBatch(groups=[self._group(req, i, outs) for i, outs in enumerate(outputs)])
+            if self._runner is not None:
+                batch = wire.ScoredBatch(groups=self._runner.score_rollouts(batch.groups))
+                self._scorer_metrics.sync({"responses_total": self._runner.num_calls})
         self._stats["requests"] += 1
         self._metrics.sync({"tokens_total": self._stats["tokens"], "responses_total": self._stats["responses"]})
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes)
@@ -142,10 +155,9 @@ class Generator:
         )
 
     async def _pull_newer_weights(self) -> None:
-        version = await self._store.version.remote()
-        if version <= self._engine.version:
+        latest = await self._store.latest.remote()  # the ref comes unresolved: cheap when not newer
+        if latest[0] <= self._engine.version:
             return
-        latest = await self._store.latest.remote()
         try:
             await asyncio.to_thread(self._fetch, latest)
         except RayActorError as exc:

@@ -80,8 +80,9 @@ class LearnerRank:
         self._pinned: dict[str, tuple[weight_broadcast.Manifest, dict]] = {}
         self._group_threads = ThreadPoolExecutor(thread_name_prefix="weight-group")
 
-    def train_step(self, payload: np.ndarray) -> dict:
-        """One learner step on this rank's rows; returns the step's metrics (rank-local)."""
+    def train_step(self, payload: np.ndarray, publish_version: int | None = None) -> dict:
+        """One learner step on this rank's rows, then, with `publish_version`, `publish` (one call
+        instead of two per step); returns the step's metrics (rank-local)."""
         start = time.perf_counter()
         try:
             batch = wire.decode(payload, max_bytes=self._max_wire_bytes, expect=wire.TrainBatch)
@@ -100,6 +101,8 @@ class LearnerRank:
         metrics["learner/refused_batches"] = float(self._refused)
         telemetry.record_learner_step(self._metrics, metrics, batch.rewards, batch.learner_step,
                                       time.perf_counter() - start)
+        if publish_version is not None:
+            metrics.update(self.publish(publish_version))
         return metrics
 
     def publish(self, version: int) -> dict:
@@ -218,18 +221,20 @@ class LearnerGroup:
     def ready(self) -> None:
         ray.get([r.pid.remote() for r in self.ranks])
 
-    def train_step(self, payload_ref: ray.ObjectRef) -> dict:
-        """Metrics averaged over ranks."""
-        return self.finish_train(self.start_train(payload_ref))
+    def train_step(self, payload_ref: ray.ObjectRef, publish_version: int | None = None) -> dict:
+        """Metrics averaged over the ranks that report each (the publish's: rank 0)."""
+        return self.finish_train(self.start_train(payload_ref, publish_version))
 
-    def start_train(self, payload_ref: ray.ObjectRef) -> list[ray.ObjectRef]:
-        """Send one learner step to every rank; `finish_train` waits for it. Ray does not cancel a
-        rank's task, so a caller that is interrupted meanwhile must still wait for these refs."""
-        return self._send("train_step", payload_ref)
+    def start_train(self, payload_ref: ray.ObjectRef, publish_version: int | None = None) -> list[ray.ObjectRef]:
+        """Send one learner step (and the publish of its weights as `publish_version`) to every
+        rank; `finish_train` waits for it. Ray does not cancel a rank's task, so a caller that is
+        interrupted meanwhile must still wait for these refs."""
+        return self._send("train_step", payload_ref, publish_version)
 
     def finish_train(self, refs: list[ray.ObjectRef]) -> dict:
         results = self._gather("train_step", refs)
-        return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+        keys = dict.fromkeys(k for r in results for k in r)
+        return {k: float(np.mean([r[k] for r in results if k in r])) for k in keys}
 
     def publish(self, version: int) -> dict:
         return self._all("publish", version)[0]

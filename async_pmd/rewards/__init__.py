@@ -17,7 +17,7 @@ from async_pmd.rewards.builtin import (
     synthetic_reward,
 )
 from async_pmd.rewards.custom import load_reward_fn
-from async_pmd.rewards.runner import RewardRunner, overlong_penalty
+from async_pmd.rewards.runner import RewardRunner, overlong_penalty, runner_for
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -31,5 +31,6 @@ __all__ = [
     "math_reward",
     "overlong_penalty",
     "reverse_reward",
+    "runner_for",
     "synthetic_reward",
 ]

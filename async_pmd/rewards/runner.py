@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 from pebble import ProcessExpired, ProcessPool
 
+from async_pmd.config import ScorerConfig
 from async_pmd.rewards.builtin import RewardFn
+from async_pmd.wire import RolloutGroup, ScoredGroup
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,15 @@ def overlong_penalty(
     if exceed <= 0:
         return 0.0
     return -exceed / buffer_len * penalty_factor
+
+
+def runner_for(scorer: ScorerConfig, max_resp_len: int, inline: bool) -> RewardRunner:
+    """The runner `scorer` configures; `inline` (`ClusterConfig.scorer_inline`) calls the reward
+    in the caller's thread, with no worker process and no timeout."""
+    overlong = scorer.overlong_buffer
+    return RewardRunner(scorer.reward_fn, timeout_s=None if inline else scorer.timeout_s,
+                        max_workers=scorer.num_workers, overlong_buffer_len=overlong.len if overlong.enable else 0,
+                        overlong_penalty_factor=overlong.penalty_factor, max_resp_len=max_resp_len)
 
 
 class RewardRunner:
@@ -130,6 +141,14 @@ class RewardRunner:
         # each call gets its own copy of extra, so a function that edits it cannot race itself
         calls = [[(prompt, r, truth, dict(extra)) for r in responses] for prompt, responses, truth, extra, _ in groups]
         return [self._assemble(outcomes, g[4]) for outcomes, g in zip(self._run(calls), groups)]
+
+    def score_rollouts(self, groups: Sequence[RolloutGroup]) -> list[ScoredGroup]:
+        """Each rollout group with its rewards, statuses and extras (its token counts feed the
+        overlong penalty)."""
+        results = self.score_groups([
+            (g.prompt_text, g.response_texts, g.answer, dict(g.extra), [len(r) for r in g.response_ids])
+            for g in groups])
+        return [ScoredGroup.from_rollout(g, *result) for g, result in zip(groups, results)]
 
     def _assemble(self, outcomes: list[Outcome], response_lengths) -> tuple[np.ndarray, list[str], dict]:
         n = len(outcomes)

@@ -215,6 +215,11 @@ def test_a_config_that_can_never_dispatch_is_refused_naming_the_keys():
     (["scorer.inline_builtin=false"], False),
 ])
 def test_scorer_scores_inline_only_string_builtins(overrides, inline):
-    """`scorer_inline` is the config's decision: pure-string built-ins in the replica's thread,
-    everything else (math, user files) in the worker processes that a hang cannot outlive."""
-    assert load_config(REPO / "configs" / "cluster.yaml", overrides).scorer_inline is inline
+    """`scorer_inline` is the config's decision: pure-string built-ins in the generator replica's
+    thread (no scorer deployed), everything else (math, user files) in the scorer's worker
+    processes that a hang cannot outlive. With partial rollouts the driver assembles groups, so a
+    string built-in is scored inline in the scorer replica instead."""
+    cfg = load_config(REPO / "configs" / "cluster.yaml", overrides)
+    assert cfg.scorer_inline is inline and cfg.score_in_generator is inline
+    partial = load_config(REPO / "configs" / "cluster.yaml", [*overrides, "generator.partial_rollout.enable=true"])
+    assert partial.scorer_inline is inline and not partial.score_in_generator

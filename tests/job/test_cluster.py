@@ -8,11 +8,16 @@ from job.cluster import Ask, asks, shortfall, with_retries
 
 
 def test_asks_list_every_reserving_actor():
-    cfg = build_config({}, ["generator.num_replicas=2", "learner.num_ranks=2", "learner.num_cpus_per_rank=0.5",
-                            "ray.address=auto"])
+    """A user reward has scorer replicas; a pure-string built-in is scored by the generators, and
+    no scorer is deployed or reserved."""
+    common = ["generator.num_replicas=2", "learner.num_ranks=2", "learner.num_cpus_per_rank=0.5", "ray.address=auto"]
+    cfg = build_config({}, [*common, "scorer.reward_fn=tests/data/faulty_reward.py:reward"])
     assert [(a.actor, a.cpus) for a in asks(cfg)] == [
         ("Generator replica 0", 1.0), ("Generator replica 1", 1.0), ("RewardScorer replica 0", 0.1),
         ("LearnerRank 0", 0.5), ("LearnerRank 1", 0.5)]
+    cfg = build_config({}, common)
+    assert cfg.score_in_generator
+    assert [a.actor for a in asks(cfg)] == ["Generator replica 0", "Generator replica 1", "LearnerRank 0", "LearnerRank 1"]
 
 
 def test_shortfall_places_whole_reservations_on_nodes():

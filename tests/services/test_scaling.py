@@ -9,11 +9,13 @@ drains the replica it stops (no request re-issued, none failed), and the run's a
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 
-from background_job import BackgroundJob
+from background_job import REPO, BackgroundJob
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +37,20 @@ def _wait_until_serving(job: BackgroundJob, replica_ids: set[str], timeout_s: fl
 
 
 def test_scale_generators_up_and_down_while_training(tmp_path):
-    # 6 logical CPUs: three 1-CPU generator replicas next to the learner and the scorer (they
+    # 6 logical CPUs: three 1-CPU generator replicas next to the learner (they
     # time-share the machine's cores; a fourth would be refused by `scale`, not left pending).
     job = BackgroundJob(tmp_path, "scaled", "metrics.enabled=false", "ray.num_cpus=6",
                         "trainer.total_steps=100000", "trainer.total_minutes=10", model_dir=tmp_path / "model")
     try:
         job.wait_for_steps(5)
-        (original,) = job.scale("status")["generators"]
+        status = job.scale("status")
+        (original,) = status["generators"]
         assert original["state"] == "RUNNING"
+        # The demo's generators score its string reward themselves: no scorers to list or scale.
+        assert "scorers" not in status
+        refused = subprocess.run([sys.executable, "-m", "async_pmd.scale", "--run-dir", str(job.run_dir), "scorers", "2"],
+                                 cwd=REPO, env=job.env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "scorer.inline_builtin" in refused.stderr, refused.stderr
 
         # 1 → 3: the original keeps its process; the new ones start on the newest weights.
         published_before = job.scale("status")["published_version"]

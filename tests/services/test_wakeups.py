@@ -26,20 +26,43 @@ def test_buffer_watch_returns_on_a_put_and_on_a_take():
         max_wire_bytes=2**20)
 
     async def scenario():
-        waiting = asyncio.create_task(buffer.watch(0))
+        waiting = asyncio.create_task(buffer.watch(0, 0))
         for _ in range(5):
             await asyncio.sleep(0)
         assert not waiting.done()  # nothing changed yet
         await buffer.put(wire.encode(scored_batch(["g0", "g1"], N)))
-        assert await waiting == 1
-        waiting = asyncio.create_task(buffer.watch(1))
+        changes, first, settled, status = await waiting
+        assert (changes, first, settled, status.held) == (1, 0, [], 2)
+        waiting = asyncio.create_task(buffer.watch(1, 0))
         for _ in range(5):
             await asyncio.sleep(0)
         assert not waiting.done()
         batch, metrics = await buffer.take(2, learner_step=0, timeout_s=1.0)
         assert batch is not None and metrics
-        assert await waiting == 2
-        assert await buffer.watch(0) == 2  # already past: at once
+        assert (await waiting)[0] == 2
+        assert (await buffer.watch(0, 0))[0] == 2  # already past: at once
+
+    asyncio.run(scenario())
+
+
+def test_buffer_reports_repeat_settled_groups_until_acknowledged():
+    """A report the driver drops (its watch cancelled at a stop) loses nothing: the settled
+    groups come again in every report until a later call acknowledges them by count."""
+    buffer = GroupBuffer.__ray_actor_class__(
+        algorithm=AlgorithmConfig(), buffer=BufferConfig(capacity_groups=64), group_size=N, pad_token_id=0,
+        max_wire_bytes=2**20)
+
+    async def scenario():
+        await buffer.put(wire.encode(scored_batch(["g0", "g1", "g2"], N)))
+        await buffer.take(2, learner_step=0, timeout_s=1.0)
+        first, settled, status, _ = buffer.report(0, trained_steps=1)  # the loop confirms step 0
+        assert first == 0 and [(u, o) for u, o, _ in settled] == [("g0", "trained"), ("g1", "trained")]
+        assert status.trained == 2 and status.steps_taken == 1
+        assert buffer.report(0)[:2] == (0, settled)  # not acknowledged: the same entries again
+        _, first, again, _ = await buffer.watch(0, 1)  # one acknowledged: the second comes back
+        assert (first, again) == (1, settled[1:])
+        assert buffer.report(2)[:2] == (2, [])
+        assert buffer.report(1)[:2] == (2, [])  # an older count never brings entries back
 
     asyncio.run(scenario())
 
