@@ -42,6 +42,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = cfg.trainer.run_dir
         self.step = 0
+        self._published = -1  # the newest weight version this loop has published
         self.last_metrics: dict = {}
         self.services: deploy.Services | None = None
         self._started = time.monotonic()
@@ -76,6 +77,7 @@ class Trainer:
     def _start_services(self, resume_from: Path | None) -> None:
         self.services, restored = deploy.start_services(self.cfg, self._pad_token_id, resume_from)
         self.step, self._last_checkpoint = restored.step, resume_from
+        self._published = restored.step  # start_services publishes the weights it starts from
         if resume_from is not None:
             self._elapsed_before = restored.elapsed_s
         # The records past the step this run starts from (a checkpoint's, or 0) are not on its timeline.
@@ -151,6 +153,8 @@ class Trainer:
         sync_s = metrics.get("timing/weight_publish_s", 0.0)
         metrics["timing/train_s"] = time.perf_counter() - train_start - sync_s
         self.step += 1
+        if publish:
+            self._published = self.step
         metrics.update(take_metrics)
         metrics.update({"timing/step_s": time.perf_counter() - start, "timing/wait_batch_s": wait_s,
                         "timing/weight_sync_s": sync_s})
@@ -175,7 +179,8 @@ class Trainer:
             raise RuntimeError("the rollout driver stopped while the learner was waiting for data")
 
     def _record_step(self, metrics: dict, bar: tqdm) -> None:
-        status = ray.get(self.services.driver.status.remote(trained_steps=self.step))
+        # Also the driver's news of the publish: its admission counts staleness from that version.
+        status = ray.get(self.services.driver.status.remote(trained_steps=self.step, published_version=self._published))
         metrics.update(record.accounting(status))
         metrics["learner/restarts"] = self._restarts.count
         self.last_metrics = {"step": self.step, "time/elapsed_s": self._elapsed(), **metrics}

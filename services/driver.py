@@ -95,13 +95,13 @@ class RolloutDriver:
         self._buffer_status = BufferStatus()
         self._metrics = telemetry.RoleMetrics("driver")
         # The loop sleeps until something that may let it dispatch happens: a request settles, the
-        # buffer changes (`watch`), weights are published (`wait_newer`), or a call here syncs
-        # with the buffer or pauses, resumes or stops it (`_wake`). Each watch is one call in flight.
+        # buffer changes (`watch`, one call in flight), or a call here syncs with the buffer,
+        # brings news of a publish, or pauses, resumes or stops it (`_wake`).
         self._wake = asyncio.Event()
-        self._published = -1  # the newest version the store reported
+        self._published = -1  # the newest published version: the store's at start, then the loop's
         self._buffer_seen = 0  # the buffer's change count at the last watch
         self._acked = 0  # settled groups taken from the buffer's reports (its sequence numbers)
-        self._watches: dict[str, asyncio.Future] = {}
+        self._watch: asyncio.Future | None = None
 
     async def run(self) -> None:
         """Dispatch until `stop()`; returns when every request in flight has settled."""
@@ -118,8 +118,8 @@ class RolloutDriver:
                     break
                 self._launch(request)
             await self._wait_for_change()
-        for watch in self._watches.values():
-            watch.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
         await self._sync_with_buffer()
@@ -148,9 +148,14 @@ class RolloutDriver:
         self._paused = False
         self._wake.set()
 
-    async def status(self, trained_steps: int | None = None) -> DriverStatus:
+    async def status(self, trained_steps: int | None = None, published_version: int | None = None) -> DriverStatus:
         """Accounting of the driver's side; `unfinished` = dispatched groups not yet settled.
-        `trained_steps`: the learner steps done, so the buffer counts the last batch as trained."""
+        `trained_steps`: the learner steps done, so the buffer counts the last batch as trained.
+        `published_version`: the newest version the learner loop has published (it calls this
+        after every step, its publish done), which admission counts from: no watch on the store."""
+        if published_version is not None and published_version > self._published:
+            self._published = published_version
+            self._wake.set()
         await self._sync_from_outside(trained_steps=trained_steps)
         ledger = self._ledger
         return DriverStatus(dispatched=ledger.dispatched, failed=ledger.failed, reissued=ledger.reissued,
@@ -221,22 +226,17 @@ class RolloutDriver:
         return state
 
     async def _wait_for_change(self) -> None:
-        """Sleep until a request settles, the buffer changes, weights are published, or `_wake`."""
-        if "buffer" not in self._watches:
-            self._watches["buffer"] = asyncio.ensure_future(self._buffer.watch.remote(self._buffer_seen, self._acked))
-        if "store" not in self._watches:
-            self._watches["store"] = asyncio.ensure_future(self._store.wait_newer.remote(self._published))
+        """Sleep until a request settles, the buffer changes, or `_wake`."""
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._buffer.watch.remote(self._buffer_seen, self._acked))
         wake = asyncio.ensure_future(self._wake.wait())
-        await asyncio.wait({*self._tasks, *self._watches.values(), wake}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({*self._tasks, self._watch, wake}, return_when=asyncio.FIRST_COMPLETED)
         wake.cancel()
         self._wake.clear()
-        for name in [n for n, w in self._watches.items() if w.done()]:
-            value = self._watches.pop(name).result()  # an actor's death raises here, ending run()
-            if name == "buffer":
-                self._buffer_seen, *report = value
-                self._apply_report(*report)
-            else:
-                self._published = value
+        if self._watch.done():
+            self._buffer_seen, *report = self._watch.result()  # the buffer's death raises here, ending run()
+            self._watch = None
+            self._apply_report(*report)
 
     def _fail(self, uids: list[str]) -> None:
         for uid in self._ledger.fail(uids):

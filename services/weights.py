@@ -11,7 +11,6 @@ so a replica added by scaling starts on the newest weights).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -34,7 +33,6 @@ class WeightStore:
         self._published = 0
         self._last_publish_s = 0.0
         self._metrics = telemetry.RoleMetrics("weights")
-        self._published_event = asyncio.Event()  # set and replaced on each publish: wakes `wait_newer`
 
     def publish(self, version: int, payload: np.ndarray) -> float:
         """Keep `payload` (NamedTensors wire bytes) as `version`; an old version is ignored.
@@ -64,18 +62,9 @@ class WeightStore:
         self._version = version
         self._published += 1
         self._metrics.set("version", version)
-        self._published_event.set()
-        self._published_event = asyncio.Event()
 
     def version(self) -> int:
         """The newest version, -1 before the first publish."""
-        return self._version
-
-    async def wait_newer(self, version: int) -> int:
-        """The newest version once it is past `version` (at once if it already is): the driver's
-        wake-up on a publish, instead of asking for the version on a timer."""
-        while self._version <= version:
-            await self._published_event.wait()
         return self._version
 
     def latest(self) -> tuple[int, list[ray.ObjectRef], tuple[ray.actor.ActorHandle, str] | None]:

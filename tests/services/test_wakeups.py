@@ -1,19 +1,16 @@
 """The driver's wake-ups instead of a timer: `GroupBuffer.watch` returns only once the buffer
-changed (groups put, a batch taken), and `WeightStore.wait_newer` only once a newer version is
-published; both return at once when the change already happened. So an idle driver sleeps on
-these calls and does no work until something it waits for moves."""
+changed (groups put, a batch taken), at once when the change already happened, and brings the
+buffer's report with it. So an idle driver sleeps on this call (and on its requests, and on the
+learner loop's status calls, which bring news of each publish: the sync-mode runs of
+tests/services/test_reliability.py wait on them) and does no work until something moves."""
 
 import asyncio
 
-import numpy as np
-import pytest
-import ray
 from bad_wire import scored_batch
 
 from async_pmd import wire
 from async_pmd.config import AlgorithmConfig, BufferConfig
 from services.buffer import GroupBuffer
-from services.weights import WeightStore
 
 N = 8
 
@@ -65,28 +62,3 @@ def test_buffer_reports_repeat_settled_groups_until_acknowledged():
         assert buffer.report(1)[:2] == (2, [])  # an older count never brings entries back
 
     asyncio.run(scenario())
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_store_wait_newer_returns_on_a_publish(local_ray):
-    """wait_newer(-1) waits for the first publish; wait_newer(0) for version 1, not for a
-    re-publish of 0 (ignored); wait_newer of an older version returns the newest at once."""
-    store = WeightStore.remote()
-    payload = np.zeros(16, np.uint8)
-    first = store.wait_newer.remote(-1)
-    assert ray.wait([first], timeout=0.5)[1] == [first]  # still waiting: nothing published
-    ray.get(store.publish.remote(0, payload))
-    assert ray.get(first, timeout=30) == 0
-    second = store.wait_newer.remote(0)
-    ray.get(store.publish.remote(0, payload))  # an old version changes nothing
-    assert ray.wait([second], timeout=0.5)[1] == [second]
-    ray.get(store.publish.remote(1, payload))
-    assert ray.get(second, timeout=30) == 1
-    assert ray.get(store.wait_newer.remote(-1), timeout=30) == 1
-    assert ray.get(store.version.remote()) == 1
