@@ -38,8 +38,8 @@ class GroupBuffer:
             pad_token_id=pad_token_id,
         )
         self._max_wire_bytes = max_wire_bytes
-        # Notified whenever groups arrive or leave: wakes a waiting take, a waiting put, and the
-        # driver's `watch` (its wake-up, instead of polling); `_changes` counts those moments.
+        # Notified whenever groups arrive or leave: wakes a waiting take, a waiting put, and (on a
+        # take) the driver's `watch`, its wake-up instead of polling; `_changes` counts the takes.
         self._changed = asyncio.Condition()
         self._changes = 0
         # Settled groups the driver has not acknowledged yet; entry i has sequence number
@@ -54,25 +54,30 @@ class GroupBuffer:
         self._reward_failures: Counter[str] = Counter()
         self._metrics = telemetry.RoleMetrics("buffer")
 
-    async def put(self, scored: np.ndarray | bytes) -> dict:
-        """Commit a ScoredBatch; returns this call's counts. Malformed bytes: {"refused": 1}."""
+    async def put(self, scored: np.ndarray | bytes, acked: int | None = None) -> dict:
+        """Commit a ScoredBatch; returns this call's counts. Malformed bytes: {"refused": 1}.
+        With `acked` (the driver's), the counts carry its `report` too ("report": the first three
+        items): so the driver's own puts need no watch to be seen."""
         try:
             batch = wire.decode(scored, max_bytes=self._max_wire_bytes, expect=wire.ScoredBatch)
         except wire.WireError as exc:
             self._refused += 1
             logger.warning("refused a scored batch: %s", exc)
-            return {"refused": 1, "error": str(exc)}
-        async with self._changed:
-            while True:
-                try:
-                    counts = self._store.put(batch)
-                    break
-                except BufferFull:
-                    self._put_waits += 1
-                    await self._changed.wait()
-            self._notify()
-        self._reward_failures.update(s.removeprefix("failed:") for g in batch.groups
-                                     for s in g.reward_status if s != "ok")
+            counts = {"refused": 1, "error": str(exc)}
+        else:
+            async with self._changed:
+                while True:
+                    try:
+                        counts = self._store.put(batch)
+                        break
+                    except BufferFull:
+                        self._put_waits += 1
+                        await self._changed.wait()
+                self._changed.notify_all()  # a take waiting for groups
+            self._reward_failures.update(s.removeprefix("failed:") for g in batch.groups
+                                         for s in g.reward_status if s != "ok")
+        if acked is not None:
+            counts["report"] = self.report(acked)[:3]
         return counts
 
     async def take(self, num_groups: int, learner_step: int, timeout_s: float) -> tuple[np.ndarray | None, dict]:
@@ -97,9 +102,9 @@ class GroupBuffer:
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
 
     async def watch(self, seen: int, acked: int) -> tuple[int, int, list[tuple[str, str, int]], BufferStatus]:
-        """Once the change count is past `seen` (groups arrived, were taken or settled): that count
-        and the driver's view (`report`). The driver awaits this, with its requests, instead of
-        polling the buffer on a timer, and learns what settled from the same call."""
+        """Once the count of takes is past `seen` (a batch was taken: room freed, stale groups
+        dropped): that count and the driver's view (`report`). The driver awaits this, with its
+        requests, instead of polling the buffer on a timer; its puts bring their own report."""
         async with self._changed:
             await self._changed.wait_for(lambda: self._changes > seen)
         return self._changes, *self.report(acked)[:3]

@@ -94,12 +94,12 @@ class RolloutDriver:
         self._failures: Counter[str] = Counter()  # failed attempts by exception type
         self._buffer_status = BufferStatus()
         self._metrics = telemetry.RoleMetrics("driver")
-        # The loop sleeps until something that may let it dispatch happens: a request settles, the
-        # buffer changes (`watch`, one call in flight), or a call here syncs with the buffer,
+        # The loop sleeps until something that may let it dispatch happens: a request settles (its
+        # put brings the buffer's report), a batch is taken (`watch`, one call in flight), or a call here syncs with the buffer,
         # brings news of a publish, or pauses, resumes or stops it (`_wake`).
         self._wake = asyncio.Event()
         self._published = -1  # the newest published version: the store's at start, then the loop's
-        self._buffer_seen = 0  # the buffer's change count at the last watch
+        self._buffer_seen = 0  # the buffer's count of takes at the last watch
         self._acked = 0  # settled groups taken from the buffer's reports (its sequence numbers)
         self._watch: asyncio.Future | None = None
 
@@ -226,7 +226,7 @@ class RolloutDriver:
         return state
 
     async def _wait_for_change(self) -> None:
-        """Sleep until a request settles, the buffer changes, or `_wake`."""
+        """Sleep until a request settles, a batch is taken from the buffer, or `_wake`."""
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._buffer.watch.remote(self._buffer_seen, self._acked))
         wake = asyncio.ensure_future(self._wake.wait())
@@ -301,7 +301,8 @@ class RolloutDriver:
     async def _put_scored(self, scored, uids: list[str]) -> None:
         """The scorer's answer into the buffer, passed by ref; a refused batch fails its groups."""
         ref, _ = await self._resolved(scored)
-        counts = await self._buffer.put.remote(ref)
+        counts = await self._buffer.put.remote(ref, self._acked)
+        self._apply_report(*counts["report"])
         if counts.get("refused"):
             self._fail(uids)
 

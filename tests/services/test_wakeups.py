@@ -15,9 +15,10 @@ from services.buffer import GroupBuffer
 N = 8
 
 
-def test_buffer_watch_returns_on_a_put_and_on_a_take():
-    """Change counts 0 → 1 (a put of 2 groups) → 2 (a take of them); a watch of an older count
-    returns that count at once, a watch of the current one waits for the next change."""
+def test_buffer_watch_returns_on_a_take_and_a_put_reports_itself():
+    """A watch of the current count of takes waits: a put does not end it (the put's own reply
+    carries the report, with the groups held), a take does; a watch of an older count returns
+    at once."""
     buffer = GroupBuffer.__ray_actor_class__(
         algorithm=AlgorithmConfig(), buffer=BufferConfig(capacity_groups=64), group_size=N, pad_token_id=0,
         max_wire_bytes=2**20)
@@ -27,17 +28,18 @@ def test_buffer_watch_returns_on_a_put_and_on_a_take():
         for _ in range(5):
             await asyncio.sleep(0)
         assert not waiting.done()  # nothing changed yet
-        await buffer.put(wire.encode(scored_batch(["g0", "g1"], N)))
-        changes, first, settled, status = await waiting
-        assert (changes, first, settled, status.held) == (1, 0, [], 2)
-        waiting = asyncio.create_task(buffer.watch(1, 0))
+        counts = await buffer.put(wire.encode(scored_batch(["g0", "g1"], N)), 0)
+        first, settled, status = counts["report"]
+        assert (counts["held"], first, settled, status.held) == (2, 0, [], 2)
+        assert "report" not in await buffer.put(wire.encode(scored_batch(["g2"], N)))  # no acked: counts only
         for _ in range(5):
             await asyncio.sleep(0)
-        assert not waiting.done()
+        assert not waiting.done()  # puts do not wake the watch
         batch, metrics = await buffer.take(2, learner_step=0, timeout_s=1.0)
         assert batch is not None and metrics
-        assert (await waiting)[0] == 2
-        assert (await buffer.watch(0, 0))[0] == 2  # already past: at once
+        changes, _, _, status = await waiting
+        assert (changes, status.steps_taken) == (1, 1)
+        assert (await buffer.watch(0, 0))[0] == 1  # already past: at once
 
     asyncio.run(scenario())
 
