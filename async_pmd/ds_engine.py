@@ -236,13 +236,19 @@ def _merge(base: dict, overrides: dict) -> dict:
 # ---------------------------------------------------------------- weights and optimizer
 
 
-def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine, zero_stage: int, clone: bool = True) -> dict[str, torch.Tensor] | None:
     """Unsharded parameters by `named_parameters()` name of the unwrapped model, detached
-    contiguous CPU clones, on rank 0; None on other ranks. Under ZeRO-3 a collective."""
+    contiguous CPU clones, on rank 0; None on other ranks. Under ZeRO-3 a collective.
+
+    `clone=False` (ZeRO 0-2): parameters already on the CPU come as detached views, not copies,
+    for a caller that copies them itself before the next step (the object-store publish encodes
+    them): one full copy of the weights fewer per sync."""
     is_rank0 = _rank() == 0
     named = list(engine.module.named_parameters())
     if zero_stage < 3:  # ZeRO 0-2 keep a full copy of the parameters on every rank
-        return {name: _cpu_clone(p) for name, p in named} if is_rank0 else None
+        if not is_rank0:
+            return None
+        return {name: _cpu_clone(p) if clone else p.detach().to("cpu").contiguous() for name, p in named}
     import deepspeed
 
     state: dict[str, torch.Tensor] = {}

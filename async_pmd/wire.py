@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -751,19 +752,20 @@ class NamedTensors:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
 
-    def to_torch(self) -> dict:
+    def to_torch(self, share_readonly: bool = False) -> dict:
         """name -> torch.Tensor. Arrays we may write to are shared with the tensors; read-only ones
-        (every decoded array: a view of the message) are copied once, since torch cannot wrap
-        read-only memory safely."""
+        (every decoded array: a view of the message) are copied once, since a tensor written to
+        would write the message. `share_readonly`: shared too, for a caller that only reads the
+        tensors (copies them into its own): one full copy of the weights fewer."""
         import torch
 
         out = {}
-        for name, a, wd in zip(self.names, self.arrays, self._wire_dtypes()):
-            a = a if a.flags.writeable else a.copy()
-            if wd == "bfloat16":
-                out[name] = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-            else:
-                out[name] = torch.from_numpy(a)
+        with warnings.catch_warnings():  # torch warns of every read-only array it wraps
+            warnings.simplefilter("ignore", UserWarning)
+            for name, a, wd in zip(self.names, self.arrays, self._wire_dtypes()):
+                a = a if a.flags.writeable or share_readonly else a.copy()
+                out[name] = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if wd == "bfloat16" \
+                    else torch.from_numpy(a)
         return out
 
     def _wire_dtypes(self) -> list:

@@ -1,7 +1,8 @@
 """Build the job's actors in dependency order, restore them from a checkpoint, and stop them.
 
-    WeightStore → GroupBuffer → LearnerGroup (restored, then publishes its weights) →
-    Generator and RewardScorer deployments (pull those weights in __init__) → RolloutDriver
+    WeightStore → GroupBuffer → RolloutDriver (built) → LearnerGroup (restored, then publishes
+    its weights) → Generator and RewardScorer deployments (pull those weights in __init__) →
+    the driver's `run()`
 
 (no RewardScorer when the generators score a pure-string reward: `ClusterConfig.score_in_generator`)
 
@@ -67,6 +68,10 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
     buffer = GroupBuffer.options(name=names.BUFFER, namespace=ns).remote(
         algorithm=cfg.algorithm, buffer=cfg.buffer, group_size=cfg.generator.n, pad_token_id=pad_token_id,
         max_wire_bytes=cfg.wire.max_bytes)
+    # The driver's process (tokenizer, prompt source) starts beside the learner ranks and Serve.
+    driver = RolloutDriver.options(name=names.DRIVER, namespace=ns).remote(
+        data=cfg.data, generator=cfg.generator, buffer=cfg.buffer, driver=cfg.driver, model_path=cfg.model.path,
+        namespace=ns, seed=cfg.trainer.seed, scored_by_generator=cfg.score_in_generator)
     with ThreadPoolExecutor(1) as pool:
         starting = pool.submit(LearnerGroup, cfg)
         if resume_from is None:
@@ -82,9 +87,6 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
     learners.publish(restored.step)
     if resume_from is not None:
         deploy_serve(cfg)
-    driver = RolloutDriver.options(name=names.DRIVER, namespace=ns).remote(
-        data=cfg.data, generator=cfg.generator, buffer=cfg.buffer, driver=cfg.driver, model_path=cfg.model.path,
-        namespace=ns, seed=cfg.trainer.seed, scored_by_generator=cfg.score_in_generator)
     if state is not None:
         ray.get(driver.load_state_dict.remote(state["driver"]))
     return Services(store, buffer, learners, driver, driver.run.remote()), restored

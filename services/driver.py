@@ -80,10 +80,10 @@ class RolloutDriver:
         self._resumed = {"resumed_groups": 0, "resumed_tokens": 0}  # open groups restored from a checkpoint
         self._fates = FateRecord()  # one fate per prompt drawn, by dispatch ordinal
         self._pending: list[tuple[str, Prompt]] = []  # restored from a checkpoint; re-issued first
-        self._generator = serve.get_deployment_handle(names.GENERATOR_DEPLOYMENT, app_name=names.GENERATOR_APP)
-        # None when the generators score (`ClusterConfig.score_in_generator`): no scorer hop.
-        self._scorer = None if scored_by_generator else serve.get_deployment_handle(
-            names.SCORER_DEPLOYMENT, app_name=names.SCORER_APP)
+        # Serve handles, taken in `run()`: the driver is built while the Serve apps deploy. The
+        # scorer's is None when the generators score (`ClusterConfig.score_in_generator`).
+        self._scored_by_generator = scored_by_generator
+        self._generator = self._scorer = None
         self._buffer = ray.get_actor(names.BUFFER, namespace=namespace)
         self._store = ray.get_actor(names.WEIGHT_STORE, namespace=namespace)
         self._tasks: set[asyncio.Task] = set()  # one per request in flight
@@ -105,6 +105,9 @@ class RolloutDriver:
 
     async def run(self) -> None:
         """Dispatch until `stop()`; returns when every request in flight has settled."""
+        self._generator = serve.get_deployment_handle(names.GENERATOR_DEPLOYMENT, app_name=names.GENERATOR_APP)
+        if not self._scored_by_generator:
+            self._scorer = serve.get_deployment_handle(names.SCORER_DEPLOYMENT, app_name=names.SCORER_APP)
         self._published = await self._store.version.remote()
         await self._sync_with_buffer()
         while not self._stop.is_set():

@@ -171,7 +171,8 @@ class Generator:
         start = time.perf_counter()
         if refs:
             msg = wire.decode(ray.get(refs[0]), max_bytes=self._weight_sync.max_bytes, expect=wire.NamedTensors)
-            self._engine.update_weights(msg.to_torch(), version)
+            share = getattr(self._engine, "reads_weights_only", False)  # no copy of the message first
+            self._engine.update_weights(msg.to_torch(share_readonly=share), version)
         elif sender is not None:
             self._receive(*sender)
         else:

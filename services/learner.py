@@ -108,7 +108,9 @@ class LearnerRank:
     def publish(self, version: int) -> dict:
         """Gather the full weights (a collective) and, on rank 0, publish them as `version`."""
         start = time.perf_counter()
-        state = ds_engine.full_state_dict(self._engine, self._learner.zero_stage)
+        # `object_store` encodes the weights into the message at once (a copy), so it needs no clone.
+        state = ds_engine.full_state_dict(self._engine, self._learner.zero_stage,
+                                          clone=self._weight_sync.transport == "collective")
         gather_s = time.perf_counter() - start
         if state is None:
             return {}

@@ -202,6 +202,10 @@ class TorchEngine:
 
     # ------------------------------------------------------------ weights by broadcast (`collective`)
 
+    reads_weights_only = True
+    """`update_weights` only reads the tensors it is given (it copies them into the model), so they
+    may be read-only views of a message in shared memory (`NamedTensors.to_torch(share_readonly=True)`)."""
+
     weight_sync_ranks = 1
     """Ranks this engine brings to a weight-broadcast group (SGLang: its TP size)."""
 

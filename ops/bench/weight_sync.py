@@ -6,12 +6,13 @@
 For random Qwen2 models of each size (float32), the object-store path the job takes every
 `weight_sync.interval` steps, timed from the learner's side until every replica is current:
 
-- publish (in this process, standing for learner rank 0): the full state dict cloned to CPU as
-  `ds_engine.full_state_dict` does at ZeRO ≤ 2, `wire.named_tensors_to_wire` + `encode_array`,
+- publish (in this process, standing for learner rank 0): the parameters as CPU views, as
+  `ds_engine.full_state_dict(clone=False)` gives them at ZeRO ≤ 2, `wire.named_tensors_to_wire` +
+  `encode_array` (the one copy on this side),
   and `WeightStore.publish` (the store `ray.put`s the bytes it is handed);
 - pull (in each of `--replicas` Ray actors, each a `TorchEngine` of the same architecture, as in a
-  generator replica's `_load`): `WeightStore.latest`, fetch, `wire.decode`, `to_torch`,
-  `engine.update_weights` (in-place copy); all replicas pull at once.
+  generator replica's `_fetch`): `WeightStore.latest`, fetch, `wire.decode`, `to_torch` sharing
+  the message's read-only memory, `engine.update_weights` (in-place copy); all replicas pull at once.
 
 With `--transport collective` (`weight_sync.transport: collective`): publish is the clone alone;
 each replica has joined a gloo group with this process (rank 0, as learner rank 0 is) through the
@@ -107,7 +108,7 @@ def main() -> None:
             start = time.perf_counter()
             version, refs, _ = ray.get(self._store.latest.remote())
             msg = wire.decode(ray.get(refs[0]), max_bytes=2**34, expect=wire.NamedTensors)
-            self._engine.update_weights(msg.to_torch(), version)
+            self._engine.update_weights(msg.to_torch(share_readonly=True), version)
             return time.perf_counter() - start
 
     rows = []
@@ -130,7 +131,9 @@ def main() -> None:
             syncs, publishes, pulls, nbytes = [], [], [], 0
             for version in range(1, args.repeats + 2):  # the first sync warms the path: left out
                 start = time.perf_counter()
-                state = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters()}
+                # As `ds_engine.full_state_dict`: clones for the broadcast, views for the object
+                # store (its encode is the copy).
+                state = {n: p.detach().to("cpu", copy=bool(groups)).contiguous() for n, p in model.named_parameters()}
                 if groups:
                     m = weight_broadcast.Manifest.of(state, version)
                     manifest = {"version": version, "names": list(m.names), "dtypes": list(m.dtypes),

@@ -279,6 +279,10 @@ def test_full_state_dict_is_a_detached_copy_of_the_model_params(engine, tiny_pat
         assert tensor.data_ptr() != param.data_ptr()
         torch.testing.assert_close(tensor, param.detach(), atol=0, rtol=0)
     TorchEngine(load_model(tiny_path)).update_weights(state, version=1)  # loads by the same names
+    # clone=False (what the object-store publish asks for, its encode being the copy): views.
+    views = full_state_dict(engine, zero_stage=2, clone=False)
+    for name, param in engine.module.named_parameters():
+        assert views[name].data_ptr() == param.data_ptr() and not views[name].requires_grad
 
 
 def test_reset_optimizer_state_zeroes_adam_and_training_continues(engine, pos_neg_batch):

@@ -473,6 +473,13 @@ def test_bfloat16_named_tensors_round_trip_through_torch():
         assert out[name].dtype == t.dtype and torch.equal(out[name], t.detach()), name
     out["w"] += 1  # decoded arrays are read-only: to_torch copied them, so this is safe
     assert torch.equal(decode(buf).to_torch()["w"], state["w"])
+    # share_readonly: the tensors are the message's memory (no copy), equal, and still read-only.
+    ro = decode(buf, expect=NamedTensors)
+    shared = ro.to_torch(share_readonly=True)
+    for name, t in state.items():
+        assert torch.equal(shared[name], t.detach()), name
+    assert shared["b"].data_ptr() == ro.arrays[ro.names.index("b")].ctypes.data
+    assert not ro.arrays[0].flags.writeable
 
 
 def test_to_torch_shares_writable_arrays_and_refuses_unknown_dtypes():

@@ -16,9 +16,12 @@ from async_pmd.ds_engine import find_free_port as free_port  # noqa: F401  (re-e
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _default_sigint() -> None:
-    # A shell that starts pytest in the background ignores SIGINT in its children; the job must not.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# A shell that starts pytest in the background ignores SIGINT in its children; the job must not.
+# Reset in the job's own interpreter, before the launcher runs: a `preexec_fn` would run Python
+# between fork and exec in this multithreaded process (Ray's threads), which can corrupt the
+# child's heap (seen once: the job aborted with "malloc_consolidate(): unaligned fastbin chunk").
+_LAUNCH = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.argv[0] = 'async_pmd.launch'; runpy.run_module('async_pmd.launch', run_name='__main__', alter_sys=True)")
 
 
 class BackgroundJob:
@@ -29,13 +32,13 @@ class BackgroundJob:
         self.tmp_path, self.run_dir = tmp_path, tmp_path / name
         self.log_path = tmp_path / f"{name}.log"
         self.env = env or {**os.environ, "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "async_pmd.launch", str(REPO / "configs" / config),
+        cmd = [sys.executable, "-c", _LAUNCH, str(REPO / "configs" / config),
                f"trainer.output_dir={tmp_path}", f"trainer.experiment_name={name}", f"model.path={model_dir}",
                "trainer.save_freq=0", "checkpoint.export_hf=false", *overrides]
         with open(self.log_path, "w") as log:
             # new_session: its own process group, which a test can SIGKILL whole (os.killpg)
             self.proc = subprocess.Popen(cmd, cwd=tmp_path, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=_default_sigint, start_new_session=new_session)
+                                         start_new_session=new_session)
 
     def records(self) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"

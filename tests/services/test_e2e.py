@@ -49,7 +49,9 @@ def test_reward_rises_above_chance(tmp_path, model_dir, estimator, transport):
     """ploo (PMD-partition) and rloo (PMD-mean) both learn a+b= mod 10 from chance, with weights
     reaching the generator through the object store and by broadcast from learner rank 0; the
     accounting holds and no group is trained twice (trained == steps x batch)."""
-    steps = 900
+    # 800 steps: on the 10 seeds of the learning study the trailing-50 reward passed 0.1 (the bar
+    # below) by step 700 on every seed (0.126 the lowest) and was ~0.25 at 800.
+    steps = 800
     records = launch(tmp_path, estimator, f"trainer.total_steps={steps}", "trainer.save_freq=0",
                      f"algorithm.adv_estimator={estimator}", f"weight_sync.transport={transport}",
                      model_dir=model_dir)
