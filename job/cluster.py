@@ -94,8 +94,9 @@ def asks(cfg: ClusterConfig) -> list[Ask]:
     """What the job reserves, actor by actor (the actors with num_cpus=0 need no room)."""
     gen, sc, lc = cfg.generator, cfg.scorer, cfg.learner
     replicas = (gen.autoscaling.min_replicas or 1) if gen.autoscaling else gen.num_replicas
+    scorers = 0 if cfg.score_in_generator else sc.num_replicas  # a string reward: no scorer deployed
     return ([Ask(f"Generator replica {i}", gen.num_cpus, gen.num_gpus) for i in range(replicas)]
-            + [Ask(f"RewardScorer replica {i}", sc.num_cpus) for i in range(0 if cfg.score_in_generator else sc.num_replicas)]
+            + [Ask(f"RewardScorer replica {i}", sc.num_cpus) for i in range(scorers)]
             + [Ask(f"LearnerRank {r}", lc.num_cpus_per_rank, lc.num_gpus_per_rank) for r in range(lc.num_ranks)])
 
 

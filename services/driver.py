@@ -95,8 +95,9 @@ class RolloutDriver:
         self._buffer_status = BufferStatus()
         self._metrics = telemetry.RoleMetrics("driver")
         # The loop sleeps until something that may let it dispatch happens: a request settles (its
-        # put brings the buffer's report), a batch is taken (`watch`, one call in flight), or a call here syncs with the buffer,
-        # brings news of a publish, or pauses, resumes or stops it (`_wake`).
+        # put brings the buffer's report), a batch is taken (`watch`, one call in flight), or a
+        # call here syncs with the buffer, brings news of a publish, or pauses, resumes or stops
+        # it (`_wake`).
         self._wake = asyncio.Event()
         self._published = -1  # the newest published version: the store's at start, then the loop's
         self._buffer_seen = 0  # the buffer's count of takes at the last watch
