@@ -125,7 +125,7 @@ def test_ctrl_c_at_any_point_leaves_an_auditable_checkpoint(tmp_path, model_dir)
 
 
 def test_a_cluster_too_small_fails_fast_naming_the_shortfall(tmp_path, model_dir):
-    """A private Ray of 1 CPU for a job that reserves 2.1: the launcher stops within a minute,
+    """A private Ray of 1 CPU for a job that reserves 2: the launcher stops within a minute,
     naming each actor's reservation and what the cluster has, before any actor starts."""
     cmd = [sys.executable, "-m", "async_pmd.launch", str(REPO / "configs" / "cluster.yaml"),
            f"trainer.output_dir={tmp_path}", "trainer.experiment_name=small", f"model.path={model_dir}",
