@@ -39,9 +39,8 @@ class GroupBuffer:
         )
         self._max_wire_bytes = max_wire_bytes
         # Notified whenever groups arrive or leave: wakes a waiting take, a waiting put, and (on a
-        # take) the driver's `watch`, its wake-up instead of polling; `_changes` counts the takes.
+        # take, which moves `_steps_taken`) the driver's `watch`, its wake-up instead of polling.
         self._changed = asyncio.Condition()
-        self._changes = 0
         # Settled groups the driver has not acknowledged yet; entry i has sequence number
         # `_settled_from + i` (the driver acknowledges by count, see `report`).
         self._settled: list[tuple[str, str, int]] = []
@@ -96,18 +95,18 @@ class GroupBuffer:
                 except TimeoutError:
                     pass
             self._steps_taken = learner_step + 1
-            self._notify()
+            self._changed.notify_all()
         for staleness in learner_step - batch.policy_versions[::self._store.group_size]:  # one per group
             self._metrics.observe("staleness_steps", staleness)
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
 
-    async def watch(self, seen: int, acked: int) -> tuple[int, int, list[tuple[str, str, int]], BufferStatus]:
-        """Once the count of takes is past `seen` (a batch was taken: room freed, stale groups
-        dropped): that count and the driver's view (`report`). The driver awaits this, with its
+    async def watch(self, steps_taken: int, acked: int) -> tuple[int, list[tuple[str, str, int]], BufferStatus]:
+        """The driver's view (`report`) once a batch is taken past `steps_taken` (room freed, stale
+        groups dropped; the status carries the new count). The driver awaits this, with its
         requests, instead of polling the buffer on a timer; its puts bring their own report."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self._changes > seen)
-        return self._changes, *self.report(acked)[:3]
+            await self._changed.wait_for(lambda: self._steps_taken > steps_taken)
+        return self.report(acked)[:3]
 
     def report(self, acked: int, with_state: bool = False, trained_steps: int | None = None
                ) -> tuple[int, list[tuple[str, str, int]], BufferStatus, dict | None]:
@@ -143,10 +142,6 @@ class GroupBuffer:
         self._reward_failures = Counter({str(k): int(v) for k, v in state.get("reward_failures", {}).items()})
 
     # ------------------------------------------------------------------ helpers
-
-    def _notify(self) -> None:
-        self._changes += 1
-        self._changed.notify_all()
 
     def _export_metrics(self) -> None:
         if not self._metrics.due():  # the driver's reports come many times a second

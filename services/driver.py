@@ -100,7 +100,6 @@ class RolloutDriver:
         # it (`_wake`).
         self._wake = asyncio.Event()
         self._published = -1  # the newest published version: the store's at start, then the loop's
-        self._buffer_seen = 0  # the buffer's count of takes at the last watch
         self._acked = 0  # settled groups taken from the buffer's reports (its sequence numbers)
         self._watch: asyncio.Future | None = None
 
@@ -232,13 +231,14 @@ class RolloutDriver:
     async def _wait_for_change(self) -> None:
         """Sleep until a request settles, a batch is taken from the buffer, or `_wake`."""
         if self._watch is None:
-            self._watch = asyncio.ensure_future(self._buffer.watch.remote(self._buffer_seen, self._acked))
+            self._watch = asyncio.ensure_future(
+                self._buffer.watch.remote(self._buffer_status.steps_taken, self._acked))
         wake = asyncio.ensure_future(self._wake.wait())
         await asyncio.wait({*self._tasks, self._watch, wake}, return_when=asyncio.FIRST_COMPLETED)
         wake.cancel()
         self._wake.clear()
         if self._watch.done():
-            self._buffer_seen, *report = self._watch.result()  # the buffer's death raises here, ending run()
+            report = self._watch.result()  # the buffer's death raises here, ending run()
             self._watch = None
             self._apply_report(*report)
 

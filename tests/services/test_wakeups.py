@@ -16,7 +16,7 @@ N = 8
 
 
 def test_buffer_watch_returns_on_a_take_and_a_put_reports_itself():
-    """A watch of the current count of takes waits: a put does not end it (the put's own reply
+    """A watch of the current steps taken waits: a put does not end it (the put's own reply
     carries the report, with the groups held), a take does; a watch of an older count returns
     at once."""
     buffer = GroupBuffer.__ray_actor_class__(
@@ -37,9 +37,9 @@ def test_buffer_watch_returns_on_a_take_and_a_put_reports_itself():
         assert not waiting.done()  # puts do not wake the watch
         batch, metrics = await buffer.take(2, learner_step=0, timeout_s=1.0)
         assert batch is not None and metrics
-        changes, _, _, status = await waiting
-        assert (changes, status.steps_taken) == (1, 1)
-        assert (await buffer.watch(0, 0))[0] == 1  # already past: at once
+        _, _, status = await waiting
+        assert status.steps_taken == 1
+        assert (await buffer.watch(0, 0))[2].steps_taken == 1  # already past: at once
 
     asyncio.run(scenario())
 
@@ -58,7 +58,7 @@ def test_buffer_reports_repeat_settled_groups_until_acknowledged():
         assert first == 0 and [(u, o) for u, o, _ in settled] == [("g0", "trained"), ("g1", "trained")]
         assert status.trained == 2 and status.steps_taken == 1
         assert buffer.report(0)[:2] == (0, settled)  # not acknowledged: the same entries again
-        _, first, again, _ = await buffer.watch(0, 1)  # one acknowledged: the second comes back
+        first, again, _ = await buffer.watch(0, 1)  # one acknowledged: the second comes back
         assert (first, again) == (1, settled[1:])
         assert buffer.report(2)[:2] == (2, [])
         assert buffer.report(1)[:2] == (2, [])  # an older count never brings entries back
