@@ -22,6 +22,10 @@ Layout of one message (little-endian; hosts are assumed little-endian):
              multiple of 64 and past the previous array's end; the message ends where the last
              array ends.
 
+A message may also travel in parts (`encode_parts`, the weights' form): the bytes up to D, then
+each array's bytes as a buffer of its own, in table order; the header is the same, so `decode`
+checks the parts against it as it checks one buffer.
+
 `decode` reads arrays with `np.frombuffer` over the input, so they are zero-copy, read-only views
 that keep the input alive: copy one before writing to it. Ragged data travels flat (values plus
 int64 offsets of length count + 1), never as many small arrays.
@@ -40,7 +44,7 @@ import numpy as np
 __all__ = [
     "DEFAULT_MAX_BYTES", "FINISH_REASONS", "FORMAT_VERSION", "GenerationRequest", "MAGIC", "NamedTensors",
     "RolloutBatch", "RolloutGroup", "ScoredBatch", "ScoredGroup", "SegmentBatch", "TrainBatch", "WireError",
-    "decode", "encode", "encode_array", "named_tensors_to_wire",
+    "decode", "encode", "encode_array", "encode_parts", "named_tensors_to_wire",
 ]
 
 MAGIC = b"APMD"
@@ -885,8 +889,9 @@ def _byte_view(buf) -> memoryview:
     _fail("buf", f"expected bytes/bytearray/memoryview/uint8 array, got {type(buf).__name__}")
 
 
-def _read_array(mv: memoryview, where: str, entry, data_start: int, cursor: int) -> tuple:
-    """One array-table entry as a read-only view of `mv`; returns (array, wire dtype, end)."""
+def _read_array(mv: memoryview, where: str, entry, data_start: int, cursor: int, part=None) -> tuple:
+    """One array-table entry as a read-only view of `mv` (of `part`, its own buffer, for a message
+    in parts); returns (array, wire dtype, end)."""
     if not (isinstance(entry, list) and len(entry) == 4):
         _fail(where, "expected [dtype, shape, offset, nbytes]")
     wd, shape, offset, nbytes = entry
@@ -900,10 +905,16 @@ def _read_array(mv: memoryview, where: str, entry, data_start: int, cursor: int)
     dtype, count = _DTYPES[wd], math.prod(shape)
     if type(nbytes) is not int or nbytes != count * dtype.itemsize:
         _fail(where, f"nbytes {nbytes!r:.40} disagrees with shape {shape} of {wd}")
-    if data_start + offset + nbytes > mv.nbytes:
+    if part is not None:
+        if part.nbytes != nbytes:
+            _fail(where, f"its part holds {part.nbytes} bytes, the table says {nbytes}")
+        mv, start = part, 0
+    elif data_start + offset + nbytes > mv.nbytes:
         _fail(where, f"runs past the end of the message ({mv.nbytes} bytes)")
+    else:
+        start = data_start + offset
     if count:
-        a = np.frombuffer(mv, dtype, count, data_start + offset).reshape(shape)
+        a = np.frombuffer(mv, dtype, count, start).reshape(shape)
     else:  # frombuffer refuses an offset at the very end
         a = np.empty(shape, dtype)
     a.flags.writeable = False  # also for bytearray input: consumers share one buffer
@@ -913,10 +924,46 @@ def _read_array(mv: memoryview, where: str, entry, data_start: int, cursor: int)
 
 
 def _unpack(buf, max_bytes: int) -> tuple[str, dict, dict, dict]:
+    if isinstance(buf, (list, tuple)):
+        return _unpack_parts(buf, max_bytes)
     mv = _byte_view(buf)
     size = mv.nbytes
     if size > max_bytes:
         _fail("message", f"{size} bytes exceeds max_bytes={max_bytes}")
+    header, data_start = _header(mv)
+    arrays, wire_dtypes, end = {}, {}, 0
+    for name, entry in header["arrays"].items():
+        where = f"arrays[{name!r:.40}]"
+        arrays[name], wire_dtypes[name], end = _read_array(mv, where, entry, data_start, end)
+    if data_start + end != size:
+        _fail("message", f"{size} bytes, but the layout ends at {data_start + end}")
+    return header["kind"], header["meta"], arrays, wire_dtypes
+
+
+def _unpack_parts(parts, max_bytes: int) -> tuple[str, dict, dict, dict]:
+    """A message as `encode_parts` made it: the head (prefix, header, padding) alone, then one
+    buffer per array in table order."""
+    if not parts:
+        _fail("parts", "empty: expected the head, then one buffer per array")
+    head = _byte_view(parts[0])
+    header, data_start = _header(head)
+    if head.nbytes != data_start:
+        _fail("parts[0]", f"the head is {head.nbytes} bytes, its header says {data_start}")
+    table = header["arrays"]
+    if len(parts) != 1 + len(table):
+        _fail("parts", f"{len(parts)} parts for {len(table)} arrays (expected the head + one each)")
+    arrays, wire_dtypes, end = {}, {}, 0
+    for i, (name, entry) in enumerate(table.items(), start=1):
+        where = f"arrays[{name!r:.40}]"
+        arrays[name], wire_dtypes[name], end = _read_array(head, where, entry, data_start, end, _byte_view(parts[i]))
+        if data_start + end > max_bytes:
+            _fail("message", f"{data_start + end} bytes exceeds max_bytes={max_bytes}")
+    return header["kind"], header["meta"], arrays, wire_dtypes
+
+
+def _header(mv: memoryview) -> tuple[dict, int]:
+    """The checked header of a message and where its data starts."""
+    size = mv.nbytes
     if size < _PREFIX.size:
         _fail("prefix", f"truncated: {size} bytes")
     magic, version, header_len = _PREFIX.unpack_from(mv)
@@ -939,14 +986,7 @@ def _unpack(buf, max_bytes: int) -> tuple[str, dict, dict, dict]:
     for part in ("meta", "arrays"):
         if not isinstance(header[part], dict):
             _fail(f"header.{part}", f"expected a map, got {type(header[part]).__name__}")
-    table = header["arrays"]
-    data_start, end, arrays, wire_dtypes = _align(_PREFIX.size + header_len), 0, {}, {}
-    for name, entry in table.items():
-        where = f"arrays[{name!r:.40}]"
-        arrays[name], wire_dtypes[name], end = _read_array(mv, where, entry, data_start, end)
-    if data_start + end != size:
-        _fail("message", f"{size} bytes, but the layout ends at {data_start + end}")
-    return header["kind"], header["meta"], arrays, wire_dtypes
+    return header, _align(_PREFIX.size + header_len)
 
 
 # ---------------------------------------------------------------- public entry points
@@ -977,10 +1017,19 @@ def encode_array(msg, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     return _fill(*_framed(msg, max_bytes))
 
 
+def encode_parts(msg, max_bytes: int = DEFAULT_MAX_BYTES) -> list[np.ndarray]:
+    """The same message without joining it: the head (prefix, header, padding) as a uint8 array,
+    then each array's bytes as a uint8 view of it, no copy. `ray.put(parts)` writes them straight
+    into shared memory, so the put is the message's one copy (`encode_array` + put make two);
+    `decode(parts)` reads them back. For weights, where that copy is the model."""
+    head, parts, _ = _framed(msg, max_bytes)
+    return [np.frombuffer(head, np.uint8), *(data for _, data in parts)]
+
+
 def decode(buf, max_bytes: int = DEFAULT_MAX_BYTES, expect: type | tuple[type, ...] | None = None):
-    """A message from bytes / bytearray / memoryview / 1-D uint8 array, arrays zero-copy and
-    read-only. Raises WireError, and nothing else, on any malformed input or when the message is
-    not of the `expect`ed class(es)."""
+    """A message from bytes / bytearray / memoryview / 1-D uint8 array (or the list of parts
+    `encode_parts` makes), arrays zero-copy and read-only. Raises WireError, and nothing else, on
+    any malformed input or when the message is not of the `expect`ed class(es)."""
     try:
         kind, meta, arrays, wire_dtypes = _unpack(buf, max_bytes)
         cls = _KINDS.get(kind)

@@ -7,7 +7,7 @@ pure-string built-in (`ClusterConfig.score_in_generator`): scoring it here costs
 a hop to the RewardScorer costs a request. Weights flow by pull: a replica loads the newest
 published weights in `__init__` (so a replica added by scaling is current before Serve routes to
 it) and checks the WeightStore's version before each batch, loading newer weights between
-batches, never during one. They come as wire bytes from the object store, or (`weight_sync.transport:
+batches, never during one. They come as a wire message in parts from the object store, or (`weight_sync.transport:
 collective`) by broadcast from learner rank 0 over a group this replica opens with it, received
 through the engine's own API (`init_weight_sync_group` / `update_weights_from_distributed`).
 
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import ray
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, RayActorError
 
 from async_pmd import names, telemetry, weight_broadcast, wire
 from async_pmd.config import GeneratorConfig, ModelConfig, ScorerConfig, WeightSyncConfig
@@ -70,7 +70,7 @@ class Generator:
         if latest[0] >= 0:
             # In a worker thread: the SGLang engine refuses blocking calls on its own loop's thread.
             with ThreadPoolExecutor(1) as pool:
-                pool.submit(self._fetch, latest).result()
+                pool.submit(self._fetch_unless_gone, latest).result()
         self._start_version = self._engine.version  # what a replica added by scaling started on
         self._metrics.set("up", 1)
         self._metrics.set("policy_version", self._engine.version)
@@ -156,13 +156,16 @@ class Generator:
 
     async def _pull_newer_weights(self) -> None:
         latest = await self._store.latest.remote()  # the ref comes unresolved: cheap when not newer
-        if latest[0] <= self._engine.version:
-            return
+        if latest[0] > self._engine.version:
+            await asyncio.to_thread(self._fetch_unless_gone, latest)
+
+    def _fetch_unless_gone(self, latest: tuple) -> None:
         try:
-            await asyncio.to_thread(self._fetch, latest)
-        except RayActorError as exc:
-            # The sender (learner rank 0) died: the job rebuilds it and announces again, and this
-            # replica joins the new one then; until then it samples with the weights it has.
+            self._fetch(latest)
+        except (RayActorError, ObjectLostError) as exc:
+            # Learner rank 0 died: with it the weights it put (it owns them) or the sender it was.
+            # The job rebuilds it from the checkpoint and publishes again; until then this replica
+            # samples with the weights it has.
             logger.warning("weights of version %d not received, the learner is gone: %s", latest[0], exc)
 
     def _fetch(self, latest: tuple) -> None:
@@ -170,7 +173,8 @@ class Generator:
         version, refs, sender = latest
         start = time.perf_counter()
         if refs:
-            msg = wire.decode(ray.get(refs[0]), max_bytes=self._weight_sync.max_bytes, expect=wire.NamedTensors)
+            parts = ray.get(refs[0])  # the head and one buffer per tensor, views of shared memory
+            msg = wire.decode(parts, max_bytes=self._weight_sync.max_bytes, expect=wire.NamedTensors)
             share = getattr(self._engine, "reads_weights_only", False)  # no copy of the message first
             self._engine.update_weights(msg.to_torch(share_readonly=share), version)
         elif sender is not None:

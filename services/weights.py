@@ -1,9 +1,12 @@
 """WeightStore: the newest published policy version, and where its weights are.
 
-With `weight_sync.transport: object_store` the learner's rank 0 publishes a `NamedTensors`
-message every `weight_sync.interval` steps and the store keeps (version, object ref of the wire
-bytes); it owns the object it re-puts, so the weights outlive a learner process that dies after
-publishing. With `collective` rank 0 keeps the weights itself and announces (version, its own
+With `weight_sync.transport: object_store` the learner's rank 0 puts a `NamedTensors` message
+(its parts: `wire.encode_parts`) into the object store every `weight_sync.interval` steps and the
+store keeps (version, that object's ref). Rank 0 owns the object: the put is the weights' one copy
+on the way out, and a second copy only so that the store would own it would double the object
+store's share of the model (15 GB more at 7B in bf16). So the weights die with a rank 0 that dies:
+a replica that has not fetched them yet keeps its own until the job, rebuilt from its checkpoint,
+publishes again (`services.generator`). With `collective` rank 0 keeps the weights itself and announces (version, its own
 handle): a replica then receives them by broadcast from that rank. Either way generator replicas
 ask for the version before each batch and fetch weights only when it moved (weights flow by pull,
 so a replica added by scaling starts on the newest weights).
@@ -14,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import ray
 
 from async_pmd import telemetry
@@ -34,17 +36,20 @@ class WeightStore:
         self._last_publish_s = 0.0
         self._metrics = telemetry.RoleMetrics("weights")
 
-    def publish(self, version: int, payload: np.ndarray) -> float:
-        """Keep `payload` (NamedTensors wire bytes) as `version`; an old version is ignored.
+    def publish(self, version: int, refs: list[ray.ObjectRef]) -> float:
+        """Keep `refs[0]` (the object ref of a NamedTensors message in parts, in a list so that
+        Ray hands it over unresolved) as `version`; an old version is ignored.
 
         Returns the seconds spent storing it. Idempotent per version, so a retried publish is
         harmless.
         """
         start = time.perf_counter()
+        if not (isinstance(refs, list) and len(refs) == 1 and isinstance(refs[0], ray.ObjectRef)):
+            raise TypeError(f"publish takes [object ref], got {type(refs).__name__}")
         if version <= self._version:
             logger.info("ignoring publish of version %d (have %d)", version, self._version)
             return 0.0
-        self._ref, self._sender = ray.put(payload), None
+        self._ref, self._sender = refs[0], None
         self._moved_to(version)
         self._last_publish_s = time.perf_counter() - start
         return self._last_publish_s

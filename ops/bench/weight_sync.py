@@ -8,8 +8,8 @@ For random Qwen2 models of each size (float32), the object-store path the job ta
 
 - publish (in this process, standing for learner rank 0): the parameters as CPU views, as
   `ds_engine.full_state_dict(clone=False)` gives them at ZeRO ≤ 2, `wire.named_tensors_to_wire` +
-  `encode_array` (the one copy on this side),
-  and `WeightStore.publish` (the store `ray.put`s the bytes it is handed);
+  `encode_parts` (views, no copy), one `ray.put` of the parts (the one copy on this side, into
+  shared memory) and `WeightStore.publish` of its ref;
 - pull (in each of `--replicas` Ray actors, each a `TorchEngine` of the same architecture, as in a
   generator replica's `_fetch`): `WeightStore.latest`, fetch, `wire.decode`, `to_torch` sharing
   the message's read-only memory, `engine.update_weights` (in-place copy); all replicas pull at once.
@@ -145,12 +145,13 @@ def main() -> None:
                     nbytes = sum(t.nbytes for t in state.values())
                     del state
                 else:
-                    payload = wire.encode_array(wire.named_tensors_to_wire(state, version), max_bytes=2**34)
-                    ray.get(store.publish.remote(version, payload))
+                    parts = wire.encode_parts(wire.named_tensors_to_wire(state, version), max_bytes=2**34)
+                    ref = ray.put(parts)  # as learner rank 0: the one copy, owned by the publisher
+                    ray.get(store.publish.remote(version, [ref]))
                     published = time.perf_counter()
                     pull_s = ray.get([r.pull.remote() for r in replicas])
-                    nbytes = payload.nbytes
-                    del state, payload
+                    nbytes = sum(p.nbytes for p in parts)
+                    del state, parts, ref
                 done = time.perf_counter()
                 if version > 1:
                     syncs.append(done - start)

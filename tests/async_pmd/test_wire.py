@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from async_pmd import wire
 from async_pmd.wire import (
     DEFAULT_MAX_BYTES, FORMAT_VERSION, MAGIC, GenerationRequest, NamedTensors, RolloutBatch, RolloutGroup,
-    ScoredBatch, ScoredGroup, SegmentBatch, TrainBatch, WireError, decode, encode, encode_array,
+    ScoredBatch, ScoredGroup, SegmentBatch, TrainBatch, WireError, decode, encode, encode_array, encode_parts,
     named_tensors_to_wire,
 )
 
@@ -192,6 +192,57 @@ def test_encode_array_holds_the_same_bytes():
         assert array.tobytes() == encode(msg)
     with pytest.raises(WireError, match="max_bytes"):
         encode_array(messages()["train"], max_bytes=100)
+
+
+def test_parts_are_the_same_message_without_a_copy():
+    """encode_parts: the head (prefix, header, padding) then each array's bytes as a view of the
+    array itself; decoding the parts gives what decoding the joined bytes gives."""
+    for msg in messages().values():
+        whole, head_and_arrays = encode(msg), encode_parts(msg)
+        head = head_and_arrays[0]
+        assert all(p.dtype == np.uint8 and p.ndim == 1 for p in head_and_arrays)
+        assert whole.startswith(head.tobytes())
+        header, _ = explode(whole)
+        for part, (_, shape, offset, nbytes) in zip(head_and_arrays[1:], header["arrays"].values()):
+            assert part.tobytes() == whole[len(head) + offset:len(head) + offset + nbytes]
+        back = decode(head_and_arrays, expect=type(msg))
+        assert encode(back) == whole
+    msg = make_named(np.random.default_rng(0))
+    views = encode_parts(msg)[1:]
+    assert views[0].ctypes.data == msg.arrays[0].ctypes.data  # no copy on the way out
+    back = decode(encode_parts(msg), expect=NamedTensors)
+    assert back.arrays[0].ctypes.data == msg.arrays[0].ctypes.data  # nor on the way in
+    assert not back.arrays[0].flags.writeable
+
+
+def _named_parts():
+    return encode_parts(NamedTensors(version=1, names=["a", "b"],
+                                     arrays=[np.arange(6, dtype=np.float32), np.ones(3, np.int64)]))
+
+
+@pytest.mark.parametrize("case, match", [
+    (lambda p: [], "empty"),
+    (lambda p: p[:2], "2 parts for 2 arrays"),
+    (lambda p: p + [p[1]], "4 parts for 2 arrays"),
+    (lambda p: [p[0], p[1][:-4], p[2]], "table says"),
+    (lambda p: [p[0], p[1], np.ones(3, np.float32)], "uint8"),
+    (lambda p: [p[0], p[1], "abc"], "expected bytes"),
+    (lambda p: [p[0][:-1], p[1], p[2]], "head"),
+    (lambda p: [np.concatenate([p[0], p[1]]), p[2]], "head"),
+    (lambda p: [p[1], p[1], p[2]], "prefix"),
+])
+def test_malformed_parts_raise_wire_error(case, match):
+    with pytest.raises(WireError, match=match):
+        decode(case(_named_parts()))
+
+
+def test_parts_respect_max_bytes():
+    msg = NamedTensors(version=1, names=["big"], arrays=[np.zeros(2**18, np.float32)])
+    with pytest.raises(WireError, match="max_bytes"):
+        encode_parts(msg, max_bytes=2**20)
+    with pytest.raises(WireError, match="max_bytes"):
+        decode(encode_parts(msg, max_bytes=2**21), max_bytes=2**20)
+    assert decode(encode_parts(msg, max_bytes=2**21), max_bytes=2**21).nbytes == 2**20
 
 
 def test_the_documented_layout_rebuilds_the_same_bytes():
@@ -439,6 +490,24 @@ def test_mutated_messages_only_raise_wire_error(buf, edits, resize):
         buf[pos % header_end if pos % 4 else pos % len(buf)] = value
     buf = buf[:len(buf) + resize] if resize < 0 else buf + bytes(resize)
     check_decode(bytes(buf))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(VALID), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
+                                        min_size=1, max_size=6), st.integers(-2, 2))
+def test_mutated_parts_only_raise_wire_error(buf, edits, drop):
+    """The same edits on the head of a message in parts, and parts dropped or repeated."""
+    parts = encode_parts(decode(buf))
+    head = bytearray(parts[0].tobytes())
+    header_end = 10 + int.from_bytes(head[6:10], "little")
+    for pos, value in edits:
+        head[pos % header_end if pos % 4 else pos % len(head)] = value
+    rest = parts[1:len(parts) + drop] if drop < 0 else parts[1:] + parts[1:1 + drop]
+    try:
+        msg = decode([bytes(head), *rest])
+    except WireError:
+        return
+    encode(msg)
 
 
 msgpack_values = st.recursive(
