@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 from ray import serve
@@ -22,7 +23,7 @@ from ray import serve
 from async_pmd import names, wire
 from async_pmd.config import load_config
 from async_pmd.data import configured_source, generation_request
-from async_pmd.models import ensure_tiny_model, load_tokenizer
+from async_pmd.models import ensure_tiny_model, load_model, load_tokenizer
 from job import cluster, deploy
 from services.weights import WeightStore
 
@@ -38,12 +39,10 @@ def _never() -> None:
 
 @ray.remote(num_cpus=0)
 class Publisher:
-    """Learner rank 0's object-store publish, on the model's own weights plus `version`·0.01."""
+    """Learner rank 0's object-store publish, of `state` (name -> float32 array) plus version·0.01."""
 
-    def __init__(self, model_path: str, namespace: str):
-        from transformers import AutoModelForCausalLM
-
-        self._state = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(model_path).named_parameters()}
+    def __init__(self, state: dict, namespace: str):
+        self._state = state
         self._store = ray.get_actor(names.WEIGHT_STORE, namespace=namespace)
 
     def publish_unresolved(self, version: int) -> None:
@@ -51,9 +50,9 @@ class Publisher:
         ray.get(self._store.publish.remote(version, [_never.remote()]))
 
     def publish(self, version: int) -> None:
-        state = {n: t + 0.01 * version for n, t in self._state.items()}
-        ref = ray.put(wire.encode_parts(wire.named_tensors_to_wire(state, version), max_bytes=2**30))
-        ray.get(self._store.publish.remote(version, [ref]))
+        msg = wire.NamedTensors(version=version, names=list(self._state),
+                                arrays=[a + np.float32(0.01 * version) for a in self._state.values()])
+        ray.get(self._store.publish.remote(version, [ray.put(wire.encode_parts(msg, max_bytes=2**30))]))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,8 @@ def _generate(cfg, request_id: int) -> wire.ScoredBatch:
 
 def test_a_replica_keeps_its_weights_when_their_publisher_dies_and_follows_the_next(cfg):
     ns = cfg.ray.namespace
-    first = Publisher.remote(cfg.model.path, ns)
+    state = {n: p.detach().numpy() for n, p in load_model(cfg.model.path).named_parameters()}
+    first = Publisher.remote(state, ns)
     ray.get(first.publish.remote(1))
     assert {g.policy_version for g in _generate(cfg, 1).groups} == {1}
 
@@ -96,7 +96,7 @@ def test_a_replica_keeps_its_weights_when_their_publisher_dies_and_follows_the_n
     assert {g.policy_version for g in batch.groups} == {1} and len(batch.groups) == 2
     assert deploy.generator_handle().status.remote().result()["weight_pulls"] == 1
 
-    second = Publisher.remote(cfg.model.path, ns)  # the rebuilt learner publishes again
+    second = Publisher.remote(state, ns)  # the rebuilt learner publishes again
     ray.get(second.publish.remote(3))
     assert {g.policy_version for g in _generate(cfg, 3).groups} == {3}
     assert deploy.generator_handle().status.remote().result()["weight_pulls"] == 2
