@@ -38,9 +38,12 @@ def init_ray(cfg: ClusterConfig) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
         return
+    # Ray prestarts a worker per CPU for tasks the job never runs; they start beside the job's own
+    # actors and slow them (launch → first learner step ~3 s longer here, `ops/bench/overhead.py`).
+    kwargs["_system_config"] = {"prestart_worker_first_driver": False}
     if cfg.metrics.enabled:
         kwargs["_metrics_export_port"] = cfg.metrics.export_port
-        kwargs["_system_config"] = {"metrics_report_interval_ms": 1000}
+        kwargs["_system_config"]["metrics_report_interval_ms"] = 1000
     kwargs["runtime_env"]["worker_process_setup_hook"] = loopback.SETUP_HOOK
     with_retries(lambda: ray.init(address="local", num_cpus=local_cpus(cfg), _temp_dir=cfg.ray.temp_dir, **kwargs),
                  _START_RETRY_WAITS_S, cleanup=ray.shutdown)

@@ -6,8 +6,9 @@
 
 (no RewardScorer when the generators score a pure-string reward: `ClusterConfig.score_in_generator`)
 
-A fresh run deploys the Serve apps while the learner ranks start (both take seconds, mostly
-imports): the generators then begin on `model.path`, which is version 0 itself. A resumed run
+A fresh run starts Serve's controller before the other actors, then deploys the Serve apps while
+the learner ranks start (both take seconds, mostly imports): the generators then begin on
+`model.path`, which is version 0 itself. A resumed run
 keeps the order, so that its replicas start on the checkpoint's weights.
 
 Each actor receives the typed config sections it uses, cut from the config the launcher
@@ -64,16 +65,20 @@ class Restored:
 def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | None) -> tuple[Services, Restored]:
     """The actors of a run, restored from `resume_from` when given; Serve apps are (re)deployed."""
     ns = cfg.ray.namespace
-    store = WeightStore.options(name=names.WEIGHT_STORE, namespace=ns).remote()
-    buffer = GroupBuffer.options(name=names.BUFFER, namespace=ns).remote(
-        algorithm=cfg.algorithm, buffer=cfg.buffer, group_size=cfg.generator.n, pad_token_id=pad_token_id,
-        max_wire_bytes=cfg.wire.max_bytes)
-    # The driver's process (tokenizer, prompt source) starts beside the learner ranks and Serve.
-    driver = RolloutDriver.options(name=names.DRIVER, namespace=ns).remote(
-        data=cfg.data, generator=cfg.generator, buffer=cfg.buffer, driver=cfg.driver, model_path=cfg.model.path,
-        namespace=ns, seed=cfg.trainer.seed, scored_by_generator=cfg.score_in_generator)
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
+        # Serve's controller starts first: the generator replicas, the slowest to be ready, wait
+        # on it, and the other actors' start-up would delay it.
+        controller = pool.submit(start_serve)
+        store = WeightStore.options(name=names.WEIGHT_STORE, namespace=ns).remote()
+        buffer = GroupBuffer.options(name=names.BUFFER, namespace=ns).remote(
+            algorithm=cfg.algorithm, buffer=cfg.buffer, group_size=cfg.generator.n, pad_token_id=pad_token_id,
+            max_wire_bytes=cfg.wire.max_bytes)
+        # The driver's process (tokenizer, prompt source) starts beside the learner ranks and Serve.
+        driver = RolloutDriver.options(name=names.DRIVER, namespace=ns).remote(
+            data=cfg.data, generator=cfg.generator, buffer=cfg.buffer, driver=cfg.driver, model_path=cfg.model.path,
+            namespace=ns, seed=cfg.trainer.seed, scored_by_generator=cfg.score_in_generator)
         starting = pool.submit(LearnerGroup, cfg)
+        controller.result()
         if resume_from is None:
             deploy_serve(cfg)
         learners = starting.result()
@@ -92,9 +97,14 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
     return Services(store, buffer, learners, driver, driver.run.remote()), restored
 
 
+def start_serve() -> None:
+    """Serve's controller, without an HTTP proxy (requests come by handle); idempotent."""
+    serve.start(proxy_location="Disabled", logging_config=_QUIET)
+
+
 def deploy_serve(cfg: ClusterConfig) -> None:
     gen = cfg.generator
-    serve.start(proxy_location="Disabled", logging_config=_QUIET)
+    start_serve()
     scaling = ({"num_replicas": "auto", "autoscaling_config": gen.autoscaling.model_dump()}
                if gen.autoscaling else {"num_replicas": gen.num_replicas})
     generator = Generator.options(

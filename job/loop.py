@@ -57,7 +57,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self) -> None:
+    def setup(self, ray_started: bool = False) -> None:
+        """Ray (unless `ray_started`: the launcher starts it beside its own imports), then the
+        services; a cluster too small for the job fails here, before any actor starts."""
         cfg = self.cfg
         if cfg.model.build_tiny:
             ensure_tiny_model(cfg.model.path, **cfg.model.tiny.model_dump())
@@ -68,7 +70,8 @@ class Trainer:
         self._pad_token_id = tokenizer.pad_token_id
         if cfg.trainer.test_freq or cfg.trainer.val_before_train:
             self._validator = Validator(cfg, tokenizer)
-        cluster.init_ray(cfg)
+        if not ray_started:
+            cluster.init_ray(cfg)
         cluster.check_resources(cfg)  # before any actor: a cluster too small fails now, naming the shortfall
         # `python -m async_pmd.scale --run-dir <run_dir>` joins this job's Ray through this file.
         (self.run_dir / "ray_address").write_text(ray.get_runtime_context().gcs_address)
