@@ -17,7 +17,7 @@
 It prints the per-process CPU table (CPU seconds, share of the job's CPU, share of one core over
 the wall time, ms of CPU per learner step), the per-step timings (train, publish and wait from
 `metrics.jsonl`; generate and pull from the replica's counters), start-up (launch → first learner
-step), and the comparison: trained samples/s and seconds / samples to a smoothed reward of
+step, and per process when it appeared and the CPU it used until then), and the comparison: trained samples/s and seconds / samples to a smoothed reward of
 `--target`, the job against the reference. `summary.json` in `--out` holds the same figures.
 Extra `key=value` arguments go to both the job and the reference's config.
 """
@@ -80,7 +80,9 @@ class CpuSampler:
         import psutil
 
         self._psutil, self._root, self._period = psutil, root_pid, period_s
+        self._t0 = time.monotonic()
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, user + system seconds)
+        self.seen_at: dict[int, float] = {}  # pid -> seconds after the sampler started, first reading
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -97,6 +99,13 @@ class CpuSampler:
         for role, seconds in self.cpu.values():
             out[role] = out.get(role, 0.0) + seconds
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def first_seen_by_role(self) -> dict[str, float]:
+        """Seconds after the start until the first process of each role was seen."""
+        out: dict[str, float] = {}
+        for pid, (role, _) in self.cpu.items():
+            out[role] = min(out.get(role, float("inf")), self.seen_at[pid])
+        return out
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
@@ -120,6 +129,7 @@ class CpuSampler:
                     role = parent if parent == "RewardScorer" else role_of(p.cmdline(), p.pid == self._root)
                     roles[p.pid] = role
                     self.cpu[p.pid] = (role, t.user + t.system)
+                    self.seen_at.setdefault(p.pid, time.monotonic() - self._t0)
             except (ps.NoSuchProcess, ps.AccessDenied, ps.ZombieProcess):
                 continue
 
@@ -274,12 +284,13 @@ def run_job(out: Path, steps: int, extra: list[str], sample_s: float) -> dict:
         launched = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                                 stdout=log, stderr=subprocess.STDOUT)
-        first_step_at = None
+        first_step_at, startup = None, {}
         with CpuSampler(proc.pid, sample_s) as sampler:
             while proc.poll() is None:
                 time.sleep(sample_s / 2)
                 if first_step_at is None and metrics.is_file() and metrics.stat().st_size > 0:
                     first_step_at = time.monotonic()
+                    startup = {"cpu": sampler.by_role(), "seen_s": sampler.first_seen_by_role()}
         wall_s = time.monotonic() - launched
     if proc.returncode != 0:
         raise RuntimeError(f"the job failed (exit {proc.returncode}); see {out / 'job.log'}")
@@ -287,7 +298,7 @@ def run_job(out: Path, steps: int, extra: list[str], sample_s: float) -> dict:
     records = [r for r in records if "reward/mean" in r]
     accounting = json.loads((run_dir / "accounting.json").read_text())
     return {"records": records, "accounting": accounting, "cpu": sampler.by_role(), "wall_s": wall_s,
-            "startup_s": None if first_step_at is None else first_step_at - launched}
+            "startup_s": None if first_step_at is None else first_step_at - launched, "startup": startup}
 
 
 def job_rates(job: dict, samples_per_step: int, target: float, window: int) -> dict:
@@ -338,6 +349,14 @@ def print_tables(job: dict, rates: dict, ref: dict, timings: dict, load: tuple, 
         print(f"| {key} | {ms:.2f} |")
     startup = job["startup_s"]
     print(f"\nstart-up, launch → first learner step: {startup:.1f} s" if startup else "\nstart-up: no step")
+    if job["startup"]:
+        # What the seconds before the first step were spent on: the processes that share the cores.
+        seen, early = job["startup"]["seen_s"], job["startup"]["cpu"]
+        print(f"\n| process (role), in order of appearance | first seen, s after launch | CPU s until the first step |")
+        print("|---|---:|---:|")
+        for role in sorted(early, key=lambda r: seen[r]):
+            print(f"| {role} | {seen[role]:.1f} | {early[role]:.1f} |")
+        print(f"| **all** | | **{sum(early.values()):.1f}** (2 cores: ≥ {sum(early.values()) / 2:.1f} s) |")
 
     def fmt(v, spec):
         return "–" if v is None else format(v, spec)
@@ -353,7 +372,8 @@ def print_tables(job: dict, rates: dict, ref: dict, timings: dict, load: tuple, 
     print(f"\njob / reference: samples/s {ratio:.2f}x, seconds to {target} "
           f"{fmt(t_ratio, '.2f')}x, coordination {coord / total:.1%} of the job's CPU")
     return {"samples_s_ratio": ratio, "seconds_to_target_ratio": t_ratio, "coordination_share": coord / total,
-            "startup_s": startup, "cpu_s": cpu, "wall_s": wall, "timings_ms": timings, "job": rates,
+            "startup_s": startup, "startup_cpu_s": job["startup"].get("cpu", {}),
+            "startup_seen_s": job["startup"].get("seen_s", {}), "cpu_s": cpu, "wall_s": wall, "timings_ms": timings, "job": rates,
             "reference": ref, "load_average": list(load)}
 
 

@@ -65,5 +65,11 @@ def test_tiny_benchmark_through_the_cli(tmp_path):
         summary["job"]["samples_s"] / summary["reference"]["samples_s"])
     assert 0 < summary["coordination_share"] < 1
     assert summary["startup_s"] > 0
+    # Where the start-up went: the processes seen before the first step, each with its CPU then.
+    for role in ("launcher", "LearnerRank", "Generator", "ServeController"):
+        assert summary["startup_cpu_s"][role] > 0, (role, summary["startup_cpu_s"])
+        assert 0 <= summary["startup_seen_s"][role] < summary["startup_s"], (role, summary["startup_seen_s"])
+    assert summary["startup_seen_s"]["launcher"] <= min(summary["startup_seen_s"].values())
+    assert "CPU s until the first step" in proc.stdout
     assert summary["timings_ms"]["timing/train_s"] > 0
     assert "| **coordination**" in proc.stdout and "job / reference" in proc.stdout
