@@ -8,8 +8,8 @@
 
 A fresh run starts Serve's controller before the other actors, then deploys the Serve apps while
 the learner ranks start (both take seconds, mostly imports): the generators then begin on
-`model.path`, which is version 0 itself. A resumed run
-keeps the order, so that its replicas start on the checkpoint's weights.
+`model.path`, which is version 0 itself. A resumed run keeps the order, so that its replicas
+start on the checkpoint's weights.
 
 Each actor receives the typed config sections it uses, cut from the config the launcher
 validated; nothing is validated again in another process.
@@ -98,13 +98,13 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
 
 
 def start_serve() -> None:
-    """Serve's controller, without an HTTP proxy (requests come by handle); idempotent."""
+    """Serve's controller, without an HTTP proxy (requests come by handle)."""
     serve.start(proxy_location="Disabled", logging_config=_QUIET)
 
 
 def deploy_serve(cfg: ClusterConfig) -> None:
+    """The Serve apps, on the controller `start_serve` started."""
     gen = cfg.generator
-    start_serve()
     scaling = ({"num_replicas": "auto", "autoscaling_config": gen.autoscaling.model_dump()}
                if gen.autoscaling else {"num_replicas": gen.num_replicas})
     generator = Generator.options(

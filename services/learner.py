@@ -108,7 +108,7 @@ class LearnerRank:
     def publish(self, version: int) -> dict:
         """Gather the full weights (a collective) and, on rank 0, publish them as `version`."""
         start = time.perf_counter()
-        # `object_store` puts the weights' bytes into shared memory at once (a copy), so it needs no clone.
+        # `object_store` puts the weights' bytes into shared memory at once (a copy): no clone.
         state = ds_engine.full_state_dict(self._engine, self._learner.zero_stage,
                                           clone=self._weight_sync.transport == "collective")
         gather_s = time.perf_counter() - start
@@ -123,7 +123,8 @@ class LearnerRank:
             ray.get(self._store.announce.remote(version, context.current_actor, context.get_actor_id()))
             nbytes, store_s = sum(t.nbytes for t in state.values()), 0.0
         else:
-            parts = wire.encode_parts(wire.named_tensors_to_wire(state, version), max_bytes=self._weight_sync.max_bytes)
+            msg = wire.named_tensors_to_wire(state, version)
+            parts = wire.encode_parts(msg, max_bytes=self._weight_sync.max_bytes)
             ref = ray.put(parts)  # the one copy: the parameters' bytes into shared memory, owned here
             store_s = ray.get(self._store.publish.remote(version, [ref]))
             nbytes = sum(p.nbytes for p in parts)

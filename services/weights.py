@@ -6,8 +6,8 @@ store keeps (version, that object's ref). Rank 0 owns the object: the put is the
 on the way out, and a second copy only so that the store would own it would double the object
 store's share of the model (15 GB more at 7B in bf16). So the weights die with a rank 0 that dies:
 a replica that has not fetched them yet keeps its own until the job, rebuilt from its checkpoint,
-publishes again (`services.generator`). With `collective` rank 0 keeps the weights itself and announces (version, its own
-handle): a replica then receives them by broadcast from that rank. Either way generator replicas
+publishes again (`services.generator`). With `collective` rank 0 keeps the weights itself and
+announces (version, its own handle): a replica then receives them by broadcast from that rank. Either way generator replicas
 ask for the version before each batch and fetch weights only when it moved (weights flow by pull,
 so a replica added by scaling starts on the newest weights).
 """

@@ -17,8 +17,9 @@
 It prints the per-process CPU table (CPU seconds, share of the job's CPU, share of one core over
 the wall time, ms of CPU per learner step), the per-step timings (train, publish and wait from
 `metrics.jsonl`; generate and pull from the replica's counters), start-up (launch → first learner
-step, and per process when it appeared and the CPU it used until then), and the comparison: trained samples/s and seconds / samples to a smoothed reward of
-`--target`, the job against the reference. `summary.json` in `--out` holds the same figures.
+step, and per process when it appeared and the CPU it used until then), and the comparison:
+trained samples/s and seconds / samples to a smoothed reward of `--target`, the job against the
+reference. `summary.json` in `--out` holds the same figures.
 Extra `key=value` arguments go to both the job and the reference's config.
 """
 
@@ -352,7 +353,7 @@ def print_tables(job: dict, rates: dict, ref: dict, timings: dict, load: tuple, 
     if job["startup"]:
         # What the seconds before the first step were spent on: the processes that share the cores.
         seen, early = job["startup"]["seen_s"], job["startup"]["cpu"]
-        print(f"\n| process (role), in order of appearance | first seen, s after launch | CPU s until the first step |")
+        print("\n| process (role), in order of appearance | first seen, s after launch | CPU s until the first step |")
         print("|---|---:|---:|")
         for role in sorted(early, key=lambda r: seen[r]):
             print(f"| {role} | {seen[role]:.1f} | {early[role]:.1f} |")
@@ -373,7 +374,8 @@ def print_tables(job: dict, rates: dict, ref: dict, timings: dict, load: tuple, 
           f"{fmt(t_ratio, '.2f')}x, coordination {coord / total:.1%} of the job's CPU")
     return {"samples_s_ratio": ratio, "seconds_to_target_ratio": t_ratio, "coordination_share": coord / total,
             "startup_s": startup, "startup_cpu_s": job["startup"].get("cpu", {}),
-            "startup_seen_s": job["startup"].get("seen_s", {}), "cpu_s": cpu, "wall_s": wall, "timings_ms": timings, "job": rates,
+            "startup_seen_s": job["startup"].get("seen_s", {}), "cpu_s": cpu, "wall_s": wall,
+            "timings_ms": timings, "job": rates,
             "reference": ref, "load_average": list(load)}
 
 

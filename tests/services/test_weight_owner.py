@@ -63,6 +63,7 @@ def cfg(tmp_path_factory):
     ensure_tiny_model(cfg.model.path, **cfg.model.tiny.model_dump())
     cluster.init_ray(cfg)
     store = WeightStore.options(name=names.WEIGHT_STORE, namespace=cfg.ray.namespace).remote()
+    deploy.start_serve()
     deploy.deploy_serve(cfg)
     yield cfg
     del store
