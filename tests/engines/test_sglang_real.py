@@ -183,11 +183,18 @@ def test_pause_aborts_an_in_flight_batch(engine, tokenizer):
 
     def generate():
         params = SamplingParams(n=4, max_new_tokens=110, ignore_eos=True)
-        result["out"] = engine.generate(prompts[:1] * 4, params)
+        result["out"] = engine.generate(prompts[:1] * 16, params)
 
     thread = threading.Thread(target=generate, daemon=True)
     thread.start()
-    time.sleep(0.3)
+    # Pause once SGLang holds the batch's requests, not after a fixed sleep: on a fast box the
+    # batch could finish within any sleep (it did once in CI, in 0.3 s). 64 rows of 110 tokens
+    # then run for seconds after that moment.
+    in_flight = engine.sglang_engine.tokenizer_manager.rid_to_state
+    deadline = time.monotonic() + 60
+    while not in_flight and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert in_flight, "the batch never reached SGLang"
     engine.pause()
     try:
         thread.join(60)
