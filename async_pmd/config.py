@@ -23,6 +23,12 @@ from async_pmd import seed_keys
 
 # verl's loss aggregation modes (`actor.loss_agg_mode`); a loss may accept fewer (opmd: two).
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+OPMD_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum-norm")
+# The names `async_pmd.algos` registers when imported, known here without importing it (torch,
+# seconds): the launcher checks a config's names against them before Ray starts; a name not here
+# is looked up in the registry. Held equal to the registry's by tests/async_pmd/test_algos_registry.py.
+BUILT_IN_ADV_ESTIMATORS = ("grpo", "partition", "ploo", "ploo_exact", "rloo")
+BUILT_IN_POLICY_LOSSES = ("opmd", "vanilla")
 
 # The seed's verl spellings, rewritten to our sections before validation (longest prefix first).
 KEY_ALIASES = (

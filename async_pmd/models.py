@@ -18,9 +18,10 @@ import shutil
 import string
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +61,18 @@ def model_head_dim(path: str | os.PathLike) -> int:
     return head_dim(config["hidden_size"], config["num_attention_heads"], config.get("head_dim"))
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """'float32' | 'bfloat16' | 'float16' (or a torch.dtype) → torch.dtype."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(_DTYPES)}")
+    return getattr(torch, dtype)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -188,6 +191,7 @@ def ensure_tiny_model(path: str | os.PathLike, **spec: Any) -> Path:
 
 
 def _write_tiny(path: Path, spec: dict[str, Any], *, replace: bool) -> None:
+    import torch
     from transformers import Qwen2ForCausalLM
 
     tokenizer = build_char_tokenizer()
@@ -205,13 +209,20 @@ def _default_spec() -> dict[str, Any]:
 
 
 def _check_spec(path: Path, spec: dict[str, Any]) -> None:
-    from transformers import AutoConfig
+    # config.json read as JSON: transformers' AutoConfig imports torch, and the launcher that
+    # checks an existing tiny model needs nothing else of it. A field the file leaves out is
+    # the config class's default, which AutoConfig knows.
+    import json
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = json.loads((path / "config.json").read_text())
+    if any(_SPEC_TO_CONFIG[key] not in config for key in spec if key != "seed"):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
     for key, want in spec.items():
         if key == "seed":
             continue  # not recorded in the config: another seed is the same architecture
-        have = getattr(config, _SPEC_TO_CONFIG[key])
+        have = config[_SPEC_TO_CONFIG[key]]
         if have != want:
             raise ValueError(
                 f"model at {path} has {_SPEC_TO_CONFIG[key]}={have}, but {key}={want} was asked; "
@@ -243,11 +254,27 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", de
     return model.to(device).eval()
 
 
+# Tokenizers that are all in their `tokenizer.json` (the tiny model's; any saved as a plain fast
+# tokenizer) load as the class that saved them. AutoTokenizer would pick the model type's class
+# instead (Qwen2Tokenizer for the tiny qwen2, whose byte-level pipeline drops the char vocab's
+# spaces and unknowns), and its import reaches torch through transformers' configuration code:
+# ~2 CPU s in the driver, which has no other use for torch.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved beside the model at `path` (local only); FileNotFoundError if absent."""
-    from transformers import AutoTokenizer
+    import json
 
     path = _require_local_model_dir(path)
+    config_file = path / "tokenizer_config.json"
+    name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if name in _GENERIC_TOKENIZERS and (path / "tokenizer.json").is_file():
+        import transformers
+
+        return getattr(transformers, name).from_pretrained(path, local_files_only=True)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

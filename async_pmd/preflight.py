@@ -12,8 +12,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from async_pmd import algos
-from async_pmd.config import VLLM_CPU_HEAD_DIMS, ClusterConfig, ConfigError
+from async_pmd.config import (
+    BUILT_IN_ADV_ESTIMATORS,
+    BUILT_IN_POLICY_LOSSES,
+    OPMD_AGG_MODES,
+    VLLM_CPU_HEAD_DIMS,
+    ClusterConfig,
+    ConfigError,
+)
 from async_pmd.engines import SGLANG_INSTALL_HINT, VLLM_INSTALL_HINT, engine_available
 
 
@@ -27,14 +33,19 @@ def check_runnable(cfg: ClusterConfig) -> None:
 
 
 def _registered_names(cfg: ClusterConfig):
-    if cfg.algorithm.adv_estimator not in algos.list_adv_estimators():
-        yield "algorithm.adv_estimator", (f"unknown {cfg.algorithm.adv_estimator!r}; "
-                                          f"registered: {algos.list_adv_estimators()}")
-    loss = cfg.actor.policy_loss.loss_mode
-    if loss not in algos.list_policy_losses():
-        yield "actor.policy_loss.loss_mode", f"unknown {loss!r}; registered: {algos.list_policy_losses()}"
-    if loss == "opmd" and cfg.actor.loss_agg_mode not in algos.OPMD_AGG_MODES:
-        yield "actor.loss_agg_mode", f"opmd takes {' or '.join(algos.OPMD_AGG_MODES)}, got {cfg.actor.loss_agg_mode!r}"
+    estimator, loss = cfg.algorithm.adv_estimator, cfg.actor.policy_loss.loss_mode
+    if estimator not in BUILT_IN_ADV_ESTIMATORS or loss not in BUILT_IN_POLICY_LOSSES:
+        # Not a built-in: only the registry knows (importing algos, and torch, takes seconds:
+        # the built-ins are checked without it, before Ray starts).
+        from async_pmd import algos
+
+        if estimator not in algos.list_adv_estimators():
+            yield "algorithm.adv_estimator", (f"unknown {estimator!r}; "
+                                              f"registered: {algos.list_adv_estimators()}")
+        if loss not in algos.list_policy_losses():
+            yield "actor.policy_loss.loss_mode", f"unknown {loss!r}; registered: {algos.list_policy_losses()}"
+    if loss == "opmd" and cfg.actor.loss_agg_mode not in OPMD_AGG_MODES:
+        yield "actor.loss_agg_mode", f"opmd takes {' or '.join(OPMD_AGG_MODES)}, got {cfg.actor.loss_agg_mode!r}"
 
 
 def _engine_installed(cfg: ClusterConfig):

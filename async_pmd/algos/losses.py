@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from async_pmd.algos.registry import register_policy_loss
-from async_pmd.config import LOSS_AGG_MODES
+from async_pmd.config import LOSS_AGG_MODES, OPMD_AGG_MODES
 
 if TYPE_CHECKING:
     from async_pmd.config import ActorConfig
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 DEFAULT_PMD_TAU = 1.0
 DEFAULT_CLIP_RATIO = 0.2
 DEFAULT_CLIP_RATIO_C = 3.0  # verl's dual-clip bound on the ratio for A < 0
-OPMD_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOG_RATIO_CLAMP = 20.0  # verl clamps log π_θ − log π_old before exp so a stale sample cannot overflow
 
 # ----------------------------------------------------------------------------- helpers

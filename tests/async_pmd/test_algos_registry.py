@@ -44,3 +44,23 @@ def test_unknown_names_list_the_known_ones():
         algos.get_policy_loss_fn("nope")
     assert {"ploo", "rloo", "partition", "grpo"} <= set(algos.list_adv_estimators())
     assert {"opmd", "vanilla"} <= set(algos.list_policy_losses())
+
+
+def test_the_configs_built_in_names_are_what_the_import_registers():
+    """The launcher checks names against config's lists without importing the algorithms; a
+    built-in added to (or dropped from) algos without them would be refused (or let through)."""
+    from async_pmd.config import BUILT_IN_ADV_ESTIMATORS, BUILT_IN_POLICY_LOSSES
+
+    assert algos.list_adv_estimators() == sorted(BUILT_IN_ADV_ESTIMATORS)
+    assert algos.list_policy_losses() == sorted(BUILT_IN_POLICY_LOSSES)
+
+
+def test_preflight_takes_a_user_registered_name_and_refuses_an_unknown_one(scratch_name):
+    from async_pmd.config import ConfigError, build_config
+    from async_pmd.preflight import check_runnable
+
+    overrides = [f"algorithm.adv_estimator={scratch_name}"]
+    with pytest.raises(ConfigError, match=f"algorithm.adv_estimator: unknown '{scratch_name}'"):
+        check_runnable(build_config({}, overrides))
+    algos.register_adv_est(scratch_name)(lambda *a, **k: None)
+    check_runnable(build_config({}, overrides))

@@ -223,3 +223,16 @@ def test_scorer_scores_inline_only_string_builtins(overrides, inline):
     assert cfg.scorer_inline is inline and cfg.score_in_generator is inline
     partial = load_config(REPO / "configs" / "cluster.yaml", [*overrides, "generator.partial_rollout.enable=true"])
     assert partial.scorer_inline is inline and not partial.score_in_generator
+
+
+def test_the_launchers_checks_of_the_default_config_import_no_torch():
+    """The launcher parses and checks a config before Ray starts; with the built-in names that
+    takes no torch import (seconds on the start-up's critical path, README "Start-up")."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from async_pmd.launch import parse_args; from async_pmd.preflight import check_runnable; "
+              "check_runnable(parse_args(['configs/cluster.yaml'])[0]); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

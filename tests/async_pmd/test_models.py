@@ -108,3 +108,48 @@ def test_racing_builders_leave_one_whole_model(tmp_path):
         t.join()
     assert errors == [] and os.listdir(tmp_path) == ["shared"]
     assert models.load_model(tmp_path / "shared").config.hidden_size == 32
+
+
+def test_the_tiny_tokenizer_loads_back_as_built_without_torch(tiny_path):
+    """The saved tokenizer.json loads as the class that saved it, so it tokenizes as built:
+    spaces kept, an unknown character `<unk>`. (AutoTokenizer picks Qwen2Tokenizer for a qwen2
+    model, whose byte-level pipeline drops both from this vocabulary.) Its import reaches no
+    torch: in a fresh process the driver's load leaves torch unimported."""
+    import subprocess
+    import sys
+
+    built, loaded = models.build_char_tokenizer(), models.load_tokenizer(tiny_path)
+    texts = ["3+4=", "12*3=36", "a b  c,d-e", "?!"]
+    assert [loaded.encode(t) for t in texts] == [built.encode(t) for t in texts]
+    assert loaded.decode(loaded.encode("a b  c")) == "a b  c" and loaded.encode("?") == [loaded.unk_token_id]
+    ids = [[5, 6, 1, 0], [7, 2, 8]]
+    assert loaded.batch_decode(ids, skip_special_tokens=True) == built.batch_decode(ids, skip_special_tokens=True)
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.bos_token_id) == (0, 1, 2)
+    script = ("import sys; from async_pmd.models import load_tokenizer; "
+              f"load_tokenizer({str(tiny_path)!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_a_model_specific_tokenizer_class_still_goes_through_autotokenizer(tiny_path, tmp_path):
+    import json
+    import shutil
+
+    path = shutil.copytree(tiny_path, tmp_path / "named")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    assert type(models.load_tokenizer(path)).__name__ == "Qwen2Tokenizer"
+
+
+def test_an_existing_tiny_model_is_checked_against_defaults_its_config_leaves_out(tmp_path):
+    """config.json is read as JSON; a field it omits is the config class's default (Qwen2:
+    untied embeddings), so omitting it neither passes a wrong spec nor refuses a right one."""
+    import json
+
+    path = models.build_tiny_model(tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (path / "config.json").write_text(json.dumps(config))
+    models.ensure_tiny_model(path, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="tie_word_embeddings=True"):
+        models.ensure_tiny_model(path, tie_word_embeddings=True)
