@@ -12,6 +12,7 @@ half-written model, and two processes racing to build the same path both end wit
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -55,8 +56,6 @@ def head_dim(hidden_size: int, num_heads: int, explicit: int | None = None) -> i
 
 def model_head_dim(path: str | os.PathLike) -> int:
     """Head dimension of the model saved at `path`, read from its config.json alone."""
-    import json
-
     config = json.loads((Path(path) / "config.json").read_text())
     return head_dim(config["hidden_size"], config["num_attention_heads"], config.get("head_dim"))
 
@@ -209,20 +208,13 @@ def _default_spec() -> dict[str, Any]:
 
 
 def _check_spec(path: Path, spec: dict[str, Any]) -> None:
-    # config.json read as JSON: transformers' AutoConfig imports torch, and the launcher that
-    # checks an existing tiny model needs nothing else of it. A field the file leaves out is
-    # the config class's default, which AutoConfig knows.
-    import json
+    from transformers import AutoConfig
 
-    config = json.loads((path / "config.json").read_text())
-    if any(_SPEC_TO_CONFIG[key] not in config for key in spec if key != "seed"):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
     for key, want in spec.items():
         if key == "seed":
             continue  # not recorded in the config: another seed is the same architecture
-        have = config[_SPEC_TO_CONFIG[key]]
+        have = getattr(config, _SPEC_TO_CONFIG[key])
         if have != want:
             raise ValueError(
                 f"model at {path} has {_SPEC_TO_CONFIG[key]}={have}, but {key}={want} was asked; "
@@ -264,8 +256,6 @@ _GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved beside the model at `path` (local only); FileNotFoundError if absent."""
-    import json
-
     path = _require_local_model_dir(path)
     config_file = path / "tokenizer_config.json"
     name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None

@@ -142,8 +142,8 @@ def test_a_model_specific_tokenizer_class_still_goes_through_autotokenizer(tiny_
 
 
 def test_an_existing_tiny_model_is_checked_against_defaults_its_config_leaves_out(tmp_path):
-    """config.json is read as JSON; a field it omits is the config class's default (Qwen2:
-    untied embeddings), so omitting it neither passes a wrong spec nor refuses a right one."""
+    """A field config.json omits is the config class's default (Qwen2: untied embeddings), so
+    omitting it neither passes a wrong spec nor refuses a right one."""
     import json
 
     path = models.build_tiny_model(tmp_path / "m")
