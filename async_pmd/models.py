@@ -249,8 +249,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", de
 # Tokenizers that are all in their `tokenizer.json` (the tiny model's; any saved as a plain fast
 # tokenizer) load as the class that saved them. AutoTokenizer would pick the model type's class
 # instead (Qwen2Tokenizer for the tiny qwen2, whose byte-level pipeline drops the char vocab's
-# spaces and unknowns), and its import reaches torch through transformers' configuration code:
-# ~2 CPU s in the driver, which has no other use for torch.
+# spaces and unknowns), and its import reaches torch through transformers' configuration code.
 _GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
