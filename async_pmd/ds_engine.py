@@ -16,7 +16,6 @@ import datetime
 import logging
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,13 +37,6 @@ GATHER_BUCKET_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------- set-up
-
-
-def find_free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for MASTER_PORT when none is configured)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def setup_deepspeed_env(

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from job import cluster
 
     # Ray's own processes start (seconds, mostly their imports) while this one imports the job
-    # (torch, Serve, DeepSpeed: seconds too): ~1.5 s sooner to the first learner step here.
+    # (Serve, pydantic, the actors' modules: a second or two): sooner to the first learner step.
     with ThreadPoolExecutor(1) as pool:
         importing = pool.submit(importlib.import_module, "job.loop")
         try:

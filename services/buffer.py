@@ -20,8 +20,11 @@ import ray
 
 from async_pmd import telemetry, wire
 from async_pmd.config import AlgorithmConfig, BufferConfig
-from async_pmd.grouping import BufferFull, GroupStore
 from async_pmd.status import BufferStatus
+
+# `async_pmd.grouping` (torch) is imported in the methods that use it, not here: every process
+# that takes a handle to this actor loads this module (the driver's, the launcher's), and torch
+# is seconds of CPU at start-up that only this actor's own process needs.
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ class GroupBuffer:
 
     def __init__(self, *, algorithm: AlgorithmConfig, buffer: BufferConfig, group_size: int,
                  pad_token_id: int, max_wire_bytes: int):
+        from async_pmd.grouping import GroupStore
+
         self._store = GroupStore(
             group_size=group_size, algorithm=algorithm, max_staleness=buffer.max_staleness,
             capacity_groups=buffer.capacity_groups, on_failure=buffer.on_reward_failure,
@@ -64,6 +69,8 @@ class GroupBuffer:
             logger.warning("refused a scored batch: %s", exc)
             counts = {"refused": 1, "error": str(exc)}
         else:
+            from async_pmd.grouping import BufferFull
+
             async with self._changed:
                 while True:
                     try:

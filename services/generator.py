@@ -30,11 +30,14 @@ import ray
 from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
 
-from async_pmd import names, telemetry, weight_broadcast, wire
+from async_pmd import names, telemetry, wire
 from async_pmd.config import GeneratorConfig, ModelConfig, ScorerConfig, WeightSyncConfig
 from async_pmd.engines import SamplingParams, create_engine, engine_options
 from async_pmd.models import load_tokenizer
 from async_pmd.rewards import runner_for
+
+# `async_pmd.weight_broadcast` (torch) is imported where a replica receives weights by broadcast,
+# not here: the launcher loads this module to deploy the replicas, and has no use for torch.
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +191,8 @@ class Generator:
 
     def _receive(self, sender: ray.actor.ActorHandle, sender_id: str) -> None:
         """Receive the sender's newest weights by broadcast, joining its group first if needed."""
+        from async_pmd import weight_broadcast
+
         group = self._join(sender, sender_id)
         try:
             manifest = ray.get(sender.reserve_weights.remote(group))
@@ -202,6 +207,8 @@ class Generator:
             raise
 
     def _join(self, sender: ray.actor.ActorHandle, sender_id: str) -> str:
+        from async_pmd import weight_broadcast
+
         if self._weight_group is not None and self._weight_group[0] == sender_id:
             return self._weight_group[1]
         if self._weight_group is not None:  # a rebuilt learner: its predecessor's group is dead

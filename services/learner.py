@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -28,7 +29,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from async_pmd import ds_engine, names, pmd_step, telemetry, weight_broadcast, wire
+from async_pmd import names, ports, telemetry, wire
 from async_pmd.config import (
     ActorConfig,
     ClusterConfig,
@@ -36,6 +37,12 @@ from async_pmd.config import (
     ModelConfig,
     WeightSyncConfig,
 )
+
+# The torch and DeepSpeed modules (`ds_engine`, `pmd_step`, `weight_broadcast`) are imported in
+# the rank's methods, not here: the launcher loads this module to create the ranks, and torch is
+# seconds of CPU at start-up that only the ranks' own processes need.
+if TYPE_CHECKING:
+    from async_pmd.weight_broadcast import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +64,12 @@ class LearnerRank:
         self._rank, self._world_size = rank, world_size
         self._temperature, self._max_response_length = temperature, max_response_length
         self._max_wire_bytes, self._weight_sync = max_wire_bytes, weight_sync
-        ds_engine.setup_deepspeed_env(rank, world_size, master_port, use_gpu=learner.num_gpus_per_rank > 0,
-                                      master_addr=master_addr)
         import torch
 
+        from async_pmd import ds_engine
+
+        ds_engine.setup_deepspeed_env(rank, world_size, master_port, use_gpu=learner.num_gpus_per_rank > 0,
+                                      master_addr=master_addr)
         torch.set_num_threads(max(1, int(learner.num_cpus_per_rank)))
         torch.manual_seed(seed)
         self._engine = ds_engine.init_engine(ds_engine.load_policy(model), actor, learner, world_size,
@@ -75,14 +84,16 @@ class LearnerRank:
         # `collective` (rank 0): the newest weights, the broadcast groups opened by replicas (each
         # forms in a thread of its own), and the weights pinned for each group's next send.
         self._sending = threading.Lock()
-        self._latest: tuple[weight_broadcast.Manifest, dict] | None = None
+        self._latest: tuple[Manifest, dict] | None = None
         self._groups: dict[str, Future] = {}
-        self._pinned: dict[str, tuple[weight_broadcast.Manifest, dict]] = {}
+        self._pinned: dict[str, tuple[Manifest, dict]] = {}
         self._group_threads = ThreadPoolExecutor(thread_name_prefix="weight-group")
 
     def train_step(self, payload: np.ndarray, publish_version: int | None = None) -> dict:
         """One learner step on this rank's rows, then, with `publish_version`, `publish` (one call
         instead of two per step); returns the step's metrics (rank-local)."""
+        from async_pmd import ds_engine, pmd_step
+
         start = time.perf_counter()
         try:
             batch = wire.decode(payload, max_bytes=self._max_wire_bytes, expect=wire.TrainBatch)
@@ -107,6 +118,8 @@ class LearnerRank:
 
     def publish(self, version: int) -> dict:
         """Gather the full weights (a collective) and, on rank 0, publish them as `version`."""
+        from async_pmd import ds_engine, weight_broadcast
+
         start = time.perf_counter()
         # `object_store` puts the weights' bytes into shared memory at once (a copy): no clone.
         state = ds_engine.full_state_dict(self._engine, self._learner.zero_stage,
@@ -137,6 +150,8 @@ class LearnerRank:
     def open_weight_group(self, world_size: int) -> tuple[str, int, str]:
         """Host a new broadcast group for one replica (its engine ranks are 1…world_size-1) and
         return (address, port, group name) for it to join; the group forms in the background."""
+        from async_pmd import weight_broadcast
+
         name = f"async_pmd_weights_{uuid.uuid4().hex[:12]}"
         timeout_s = self._weight_sync.timeout_s
         store = weight_broadcast.host_store(world_size, timeout_s)
@@ -159,6 +174,8 @@ class LearnerRank:
 
     def send_weights(self, group_name: str) -> float:
         """Broadcast the weights pinned for `group_name`, tensor by tensor; returns the seconds."""
+        from async_pmd import weight_broadcast
+
         group = self._groups[group_name].result(timeout=self._weight_sync.timeout_s)
         _, state = self._pinned.pop(group_name)
         start = time.perf_counter()
@@ -167,16 +184,23 @@ class LearnerRank:
         return time.perf_counter() - start
 
     def _backend(self) -> str:
+        from async_pmd import weight_broadcast
+
         return weight_broadcast.backend_for(self._learner.num_gpus_per_rank > 0)
 
     def save(self, directory: str, client_state: dict) -> None:
+        from async_pmd import ds_engine
+
         ds_engine.save_checkpoint(self._engine, directory, client_state)
 
     def load(self, directory: str) -> dict:
+        from async_pmd import ds_engine
+
         return ds_engine.load_checkpoint(self._engine, directory)
 
     def export_hf(self, out_dir: str) -> str | None:
         """Write the policy as a Hugging Face directory (rank 0; a collective under ZeRO-3)."""
+        from async_pmd import ds_engine
         from async_pmd.models import load_tokenizer
 
         path = ds_engine.export_hf(self._engine, self._learner.zero_stage, out_dir,
@@ -195,7 +219,7 @@ class LearnerGroup:
         bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if lc.num_gpus_per_rank else {})}
         self._pg = placement_group([bundle] * lc.num_ranks, strategy="PACK")
         ray.get(self._pg.ready())
-        port = lc.master_port or ds_engine.find_free_port()
+        port = lc.master_port or ports.find_free_port()
         # Ranks that share a node (always on a private Ray, usually under PACK) rendezvous through
         # a fresh file there, so nothing listens for it; ranks spread over nodes need torch's
         # TCPStore, on rank 0's node address (torch binds its server to every interface).

@@ -92,3 +92,18 @@ def test_readme_layout_table_matches_the_tree():
     for entry in listed:
         if "/" in entry:
             assert (REPO / entry).exists(), f"README's layout table names {entry}, which does not exist"
+
+
+def test_the_job_and_the_services_modules_load_without_torch():
+    """The launcher imports the job and every actor's module, and Ray loads an actor's module in
+    each process that takes a handle to it (the driver's takes the buffer's and the store's):
+    none of them may pull in torch or DeepSpeed at import (seconds of CPU each at start-up, README
+    "Start-up"); an actor imports them in its own process, in its methods."""
+    import subprocess
+    import sys
+
+    mods = sorted(m for p in ("job", "services") for m in modules(p))
+    script = (f"import importlib, sys; [importlib.import_module(m) for m in {mods!r}]; "
+              "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -23,8 +23,9 @@ from async_pmd import ds_engine
 from async_pmd.algos import agg_loss, compute_policy_loss_opmd, compute_policy_loss_vanilla, get_policy_loss_fn
 from async_pmd.algos.losses import micro_batch_share
 from async_pmd.config import ActorConfig, ConfigError, LearnerConfig, ModelConfig, PolicyLossConfig, build_config
-from async_pmd.ds_engine import find_free_port, full_state_dict, init_engine, setup_deepspeed_env
+from async_pmd.ds_engine import full_state_dict, init_engine, setup_deepspeed_env
 from async_pmd.models import build_tiny_model, load_model
+from async_pmd.ports import find_free_port
 from async_pmd.pmd_step import (
     _to_torch,
     micro_batch,

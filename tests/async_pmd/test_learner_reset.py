@@ -67,7 +67,7 @@ SCRIPT = textwrap.dedent(
 def test_reset_zeroes_state_under_every_zero_stage_and_training_continues(tmp_path):
     """Stages 0-3: after two steps Adam's state is non-zero; reset zeroes every tensor of it
     (exp_avg, exp_avg_sq, step); the next step runs from Adam step 1 and moves the weights."""
-    from async_pmd.ds_engine import find_free_port
+    from async_pmd.ports import find_free_port
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"

@@ -27,7 +27,6 @@ from async_pmd.engines.torch_engine import TorchEngine
 from async_pmd.ds_engine import (
     base_optimizer,
     ds_config,
-    find_free_port,
     full_state_dict,
     init_engine,
     load_checkpoint,
@@ -38,6 +37,7 @@ from async_pmd.ds_engine import (
 )
 from async_pmd.pmd_step import plan_mini_batches, response_log_probs, train_on_batch
 from async_pmd.models import build_tiny_model, load_model
+from async_pmd.ports import find_free_port
 from async_pmd.wire import TrainBatch
 
 PAD = 0

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from async_pmd.ds_engine import find_free_port as free_port  # noqa: F401  (re-exported for the tests)
+from async_pmd.ports import find_free_port as free_port  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -37,7 +37,7 @@ import ray
 from async_pmd import names, wire
 from async_pmd.checkpoint import STATE_FILE, checkpoint_root, latest
 from async_pmd.config import load_config
-from async_pmd.ds_engine import find_free_port
+from async_pmd.ports import find_free_port
 from bad_wire import hostile, scored_batch, train_batch
 from job.deploy import generator_handle
 from job.loop import Trainer

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from async_pmd.ds_engine import find_free_port
+from async_pmd.ports import find_free_port
 from background_job import BackgroundJob
 
 pytestmark = pytest.mark.slow
