@@ -178,8 +178,11 @@ class Generator:
         if refs:
             parts = ray.get(refs[0])  # the head and one buffer per tensor, views of shared memory
             msg = wire.decode(parts, max_bytes=self._weight_sync.max_bytes, expect=wire.NamedTensors)
-            share = getattr(self._engine, "reads_weights_only", False)  # no copy of the message first
-            self._engine.update_weights(msg.to_torch(share_readonly=share), version)
+            adopt = getattr(self._engine, "adopt_weights", None)
+            if adopt is not None:  # the torch engine keeps the message's memory as its weights: no copy
+                adopt(msg.to_torch(share_readonly=True), version)
+            else:  # the engine may write what it is given: a copy of the read-only message first
+                self._engine.update_weights(msg.to_torch(), version)
         elif sender is not None:
             self._receive(*sender)
         else:

@@ -156,6 +156,7 @@ class TorchEngine:
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         # Parameters and persistent buffers by state_dict name, tied aliases (lm_head.weight) included.
         self._tensors: dict[str, torch.Tensor] = dict(self._model.state_dict(keep_vars=True))
+        self._adopted: set[int] = set()  # ids of the tensors whose memory `adopt_weights` took
         self._version = 0
         self._weight_groups: dict = {}  # group name -> torch ProcessGroup (`init_weight_sync_group`)
         self._cond = threading.Condition()  # guards the three flags below
@@ -191,20 +192,38 @@ class TorchEngine:
         Names are state_dict names; a subset is a partial update (the rest keep their values).
         Every name and shape is checked before anything is copied: on ValueError the old weights
         are intact. Tensors may be of another dtype or device (or numpy arrays); storage is
-        reused (`data_ptr` unchanged). A tied alias (e.g. lm_head.weight) writes the shared tensor.
+        reused (`data_ptr` unchanged), except a tensor's that `adopt_weights` took, which may be
+        read-only and is replaced by a copy. A tied alias (e.g. lm_head.weight) writes the shared tensor.
         """
+        self._load(named_tensors, version, adopt=False)
+
+    def adopt_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> None:
+        """As `update_weights`, but a tensor already on the model's device, of its dtype and
+        contiguous becomes the model's own (no copy). The caller never writes them afterwards:
+        they may be read-only views of a message in shared memory
+        (`NamedTensors.to_torch(share_readonly=True)`), kept mapped until the next load. A
+        generator replica's pull then moves no bytes; the message is mapped in, page by page,
+        by the first batch that reads it."""
+        self._load(named_tensors, version, adopt=True)
+
+    def _load(self, named_tensors: Mapping[str, torch.Tensor], version: int, *, adopt: bool) -> None:
         incoming = {name: torch.as_tensor(t) for name, t in named_tensors.items()}
         self._validate_weights(incoming)
         with self._exclusive(wait_for_resume=False), torch.no_grad():
             for name, tensor in incoming.items():
-                self._tensors[name].data.copy_(tensor)
+                target = self._tensors[name]  # a Parameter (or buffer): tied aliases are one object
+                if adopt and tensor.device == target.device and tensor.dtype == target.dtype \
+                        and tensor.is_contiguous():
+                    target.data = tensor
+                    self._adopted.add(id(target))
+                elif id(target) in self._adopted:  # its memory is the caller's: never written
+                    target.data = tensor.to(device=target.device, dtype=target.dtype, copy=True)
+                    self._adopted.discard(id(target))
+                else:
+                    target.data.copy_(tensor)
             self._version = int(version)
 
     # ------------------------------------------------------------ weights by broadcast (`collective`)
-
-    reads_weights_only = True
-    """`update_weights` only reads the tensors it is given (it copies them into the model), so they
-    may be read-only views of a message in shared memory (`NamedTensors.to_torch(share_readonly=True)`)."""
 
     weight_sync_ranks = 1
     """Ranks this engine brings to a weight-broadcast group (SGLang: its TP size)."""
@@ -224,8 +243,9 @@ class TorchEngine:
         check_named_shapes(dict(zip(names, shapes)), {n: tuple(t.shape) for n, t in self._tensors.items()})
         manifest = weight_broadcast.Manifest(version=int(version), names=tuple(names), dtypes=tuple(dtypes),
                                              shapes=tuple(tuple(s) for s in shapes))
-        self.update_weights(weight_broadcast.receive(manifest, self._weight_groups[group_name], self._device),
-                            version)
+        # Received into fresh tensors of the engine's own: kept, not copied again.
+        self.adopt_weights(weight_broadcast.receive(manifest, self._weight_groups[group_name], self._device),
+                           version)
 
     def destroy_weight_sync_group(self, group_name: str) -> None:
         group = self._weight_groups.pop(group_name, None)

@@ -1,7 +1,7 @@
 """Weight sync as the model grows: publish → every replica current, against one memcpy.
 
     .venv/bin/python ops/bench/weight_sync.py [--sizes tiny 25m 150m] [--replicas 2] [--repeats 5]
-        [--transport object_store|collective]
+        [--transport object_store|collective] [--load adopt|copy]
 
 For random Qwen2 models of each size (float32), the object-store path the job takes every
 `weight_sync.interval` steps, timed from the learner's side until every replica is current:
@@ -12,7 +12,12 @@ For random Qwen2 models of each size (float32), the object-store path the job ta
   shared memory) and `WeightStore.publish` of its ref;
 - pull (in each of `--replicas` Ray actors, each a `TorchEngine` of the same architecture, as in a
   generator replica's `_fetch`): `WeightStore.latest`, fetch, `wire.decode`, `to_torch` sharing
-  the message's read-only memory, `engine.update_weights` (in-place copy); all replicas pull at once.
+  the message's read-only memory, `engine.adopt_weights` (the message's memory becomes the
+  model's, no copy); all replicas pull at once. `--load copy`: `engine.update_weights` instead
+  (an in-place copy into the model, what the replica did before `adopt_weights`).
+- then each replica runs one forward pass (4 × 32 tokens) and another: an adopted message is
+  mapped into the replica page by page as the first pass reads it, so the table prints the first
+  pass after the load and the second one, to show where that cost went.
 
 With `--transport collective` (`weight_sync.transport: collective`): publish is the clone alone;
 each replica has joined a gloo group with this process (rank 0, as learner rank 0 is) through the
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--transport", choices=["object_store", "collective"], default="object_store")
+    parser.add_argument("--load", choices=["adopt", "copy"], default="adopt")
     args = parser.parse_args()
 
     import ray
@@ -104,11 +110,22 @@ def main() -> None:
                                                          manifest["version"], group_name=self._group)
             return time.perf_counter() - start
 
-        def pull(self) -> float:
+        def pull(self, load: str) -> float:
             start = time.perf_counter()
             version, refs, _ = ray.get(self._store.latest.remote())
             msg = wire.decode(ray.get(refs[0]), max_bytes=2**34, expect=wire.NamedTensors)
-            self._engine.update_weights(msg.to_torch(share_readonly=True), version)
+            tensors = msg.to_torch(share_readonly=True)
+            if load == "adopt":
+                self._engine.adopt_weights(tensors, version)
+            else:
+                self._engine.update_weights(tensors, version)
+            return time.perf_counter() - start
+
+        def forward(self) -> float:
+            ids = torch.arange(4 * 32).reshape(4, 32) % self._engine.model.config.vocab_size
+            start = time.perf_counter()
+            with torch.inference_mode():
+                self._engine.model(input_ids=ids)
             return time.perf_counter() - start
 
     rows = []
@@ -128,7 +145,7 @@ def main() -> None:
                         world_size=2, group_name=name, backend="gloo", timeout_s=300))
                     ray.get(joined)
             senders = ThreadPoolExecutor(max(1, len(groups)))
-            syncs, publishes, pulls, nbytes = [], [], [], 0
+            syncs, publishes, pulls, firsts, seconds, nbytes = [], [], [], [], [], 0
             for version in range(1, args.repeats + 2):  # the first sync warms the path: left out
                 start = time.perf_counter()
                 # As `ds_engine.full_state_dict`: clones for the broadcast, views for the object
@@ -149,14 +166,18 @@ def main() -> None:
                     ref = ray.put(parts)  # as learner rank 0: the one copy, owned by the publisher
                     ray.get(store.publish.remote(version, [ref]))
                     published = time.perf_counter()
-                    pull_s = ray.get([r.pull.remote() for r in replicas])
+                    pull_s = ray.get([r.pull.remote(args.load) for r in replicas])
                     nbytes = sum(p.nbytes for p in parts)
                     del state, parts, ref
                 done = time.perf_counter()
+                first = ray.get([r.forward.remote() for r in replicas])
+                second = ray.get([r.forward.remote() for r in replicas])
                 if version > 1:
                     syncs.append(done - start)
                     publishes.append(published - start)
                     pulls.append(max(pull_s))
+                    firsts.append(max(first))
+                    seconds.append(max(second))
             flat = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
             into = torch.empty_like(flat)
             copies = []
@@ -166,7 +187,7 @@ def main() -> None:
                 copies.append(time.perf_counter() - start)
             memcpy = statistics.median(copies[1:])
             rows.append((size, params, nbytes, statistics.median(publishes), statistics.median(pulls),
-                         statistics.median(syncs), memcpy))
+                         statistics.median(syncs), memcpy, statistics.median(firsts), statistics.median(seconds)))
             for group in groups:
                 weight_broadcast.close(group)
             senders.shutdown()
@@ -176,14 +197,15 @@ def main() -> None:
     finally:
         ray.shutdown()
 
-    print(f"\n{args.transport}, {args.replicas} replicas, float32, median of {args.repeats} syncs; load average "
+    load = f", {args.load}" if args.transport == "object_store" else ""
+    print(f"\n{args.transport}{load}, {args.replicas} replicas, float32, median of {args.repeats} syncs; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print("| model | parameters | MB | publish ms | slowest replica's pull ms | publish → all current ms "
-          "| one memcpy ms | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for size, params, nbytes, pub, pull, sync, memcpy in rows:
+          "| one memcpy ms | ratio | first forward after it ms | next forward ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, params, nbytes, pub, pull, sync, memcpy, first, second in rows:
         print(f"| {size} | {params / 1e6:.2f} M | {nbytes / 2**20:.1f} | {pub * 1e3:.1f} | {pull * 1e3:.1f} | "
-              f"{sync * 1e3:.1f} | {memcpy * 1e3:.2f} | {sync / memcpy:.1f}x |")
+              f"{sync * 1e3:.1f} | {memcpy * 1e3:.2f} | {sync / memcpy:.1f}x | {first * 1e3:.1f} | {second * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

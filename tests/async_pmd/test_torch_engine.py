@@ -335,3 +335,56 @@ def test_row_keys_decide_the_sample_and_are_checked(engine, prompts):
     assert engine.generate([prompts[0]], shifted)[0][0].token_ids.tolist() != a
     with pytest.raises(ValueError, match="row_seeds has 1 entries for 2 rows"):
         engine.generate([prompts[0]], SamplingParams(n=2, row_seeds=(5,)))
+
+
+def _readonly_message(state: dict, version: int) -> dict:
+    """`state` as a generator replica gets it: read-only views of a decoded wire message."""
+    from async_pmd import wire
+
+    msg = wire.NamedTensors(version=version, names=list(state), arrays=[t.numpy() for t in state.values()])
+    return wire.decode(wire.encode_parts(msg), expect=wire.NamedTensors).to_torch(share_readonly=True)
+
+
+def test_adopt_weights_keeps_the_message_memory_and_a_later_update_never_writes_it(fresh_engine, prompts):
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    before = [g[0].token_ids.tolist() for g in fresh_engine.generate(prompts, params)]
+    gen = torch.Generator().manual_seed(1)
+    new = {n: t + torch.randn(t.shape, generator=gen) for n, t in fresh_engine.model.state_dict().items()}
+    new["model.norm.weight"] = new["model.norm.weight"].double()  # another dtype: copied, not adopted
+    message = _readonly_message(new, version=4)
+    kept = {n: t.clone() for n, t in message.items()}
+
+    fresh_engine.adopt_weights(message, version=4)
+
+    after = fresh_engine.model.state_dict()
+    assert fresh_engine.version == 4
+    assert all(after[n].data_ptr() == message[n].data_ptr() for n in message if n != "model.norm.weight")
+    assert after["model.norm.weight"].dtype == torch.float32
+    assert all(torch.equal(after[n], kept[n].to(after[n].dtype)) for n in kept)
+    outputs = fresh_engine.generate(prompts, params)
+    assert [g[0].token_ids.tolist() for g in outputs] != before
+    assert all(o.policy_version == 4 for g in outputs for o in g)
+
+    # An in-place update after the adoption copies into memory of the engine's own: the
+    # message (read-only shared memory in a replica) is left as it was.
+    zeros = {n: torch.zeros_like(t) for n, t in after.items()}
+    fresh_engine.update_weights(zeros, version=5)
+    assert all(torch.count_nonzero(t) == 0 for t in fresh_engine.model.state_dict().values())
+    assert all(torch.equal(message[n], kept[n]) for n in message)
+    fresh_engine.update_weights(new, version=6)  # and the engine's storage is reused from then on
+    pointers = {n: t.data_ptr() for n, t in fresh_engine.model.state_dict().items()}
+    fresh_engine.update_weights(zeros, version=7)
+    assert {n: t.data_ptr() for n, t in fresh_engine.model.state_dict().items()} == pointers
+
+
+def test_adopting_one_name_of_a_tied_pair_loads_both(tmp_path):
+    engine = TorchEngine(models.build_tiny_model(tmp_path / "tied", tie_word_embeddings=True))
+    state = engine.model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    message = _readonly_message({"lm_head.weight": torch.ones_like(state["lm_head.weight"])}, version=1)
+    engine.adopt_weights(message, version=1)
+    after = engine.model.state_dict()
+    assert after["model.embed_tokens.weight"].data_ptr() == message["lm_head.weight"].data_ptr()
+    engine.update_weights({"model.embed_tokens.weight": torch.zeros_like(state["lm_head.weight"])}, version=2)
+    assert torch.count_nonzero(engine.model.state_dict()["lm_head.weight"]) == 0
+    assert torch.count_nonzero(message["lm_head.weight"]) == message["lm_head.weight"].numel()
