@@ -424,19 +424,24 @@ def _groups_from_wire(meta: dict, arrays: dict, group_cls: type) -> list:
     spans = list(zip(r_off[:-1], r_off[1:]))
     tokens = [arrays["response_tokens"][a:b] for a, b in spans]
     logprobs = [arrays["logprobs"][a:b] for a, b in spans]
-    s_off = arrays["segment_offsets"].tolist()
-    seg_spans = list(zip(s_off[:-1], s_off[1:]))
-    seg_lengths = [arrays["segment_lengths"][a:b] for a, b in seg_spans]
-    seg_versions = [arrays["segment_versions"][a:b] for a, b in seg_spans]
+    s_off = arrays["segment_offsets"]
+    # A group whose every response is one segment at the group's version (every group without
+    # partial rollouts) gets the default, no segment arrays: decided for all groups at once.
+    counts = np.asarray(meta["n"], np.int64)
+    one_piece = (np.diff(s_off) == 1) & (arrays["segment_versions"][s_off[:-1]]
+                                        == np.repeat(np.asarray(meta["policy_version"], np.int64), counts))
+    group_one_piece = np.logical_and.reduceat(one_piece, np.cumsum(counts) - counts) if len(counts) else one_piece
+    s_off = s_off.tolist()
     groups, r = [], 0
     for i, n in enumerate(meta["n"]):
         kw = {name: meta[name][i] for name in per_group}
         kw.update({name: meta[name][r:r + n] for name in per_response})
         if group_cls is ScoredGroup:
             kw["rewards"] = arrays["rewards"][r:r + n]
-        versions = seg_versions[r:r + n]
-        if not all(len(v) == 1 and v[0] == kw["policy_version"] for v in versions):  # else the default
-            kw.update(segment_lengths=seg_lengths[r:r + n], segment_versions=versions)
+        if not group_one_piece[i]:
+            spans = list(zip(s_off[r:r + n], s_off[r + 1:r + n + 1]))
+            kw.update(segment_lengths=[arrays["segment_lengths"][a:b] for a, b in spans],
+                      segment_versions=[arrays["segment_versions"][a:b] for a, b in spans])
         groups.append(group_cls(**kw, prompt_ids=prompts[p_off[i]:p_off[i + 1]],
                                 response_ids=tokens[r:r + n], logprobs=logprobs[r:r + n]))
         r += n

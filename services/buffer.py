@@ -44,7 +44,7 @@ class GroupBuffer:
         )
         self._max_wire_bytes = max_wire_bytes
         # Notified whenever groups arrive or leave: wakes a waiting take, a waiting put, and (on a
-        # take, which moves `_steps_taken`) the driver's `watch`, its wake-up instead of polling.
+        # take that dropped stale groups) the driver's `watch`, its wake-up instead of polling.
         self._changed = asyncio.Condition()
         # Settled groups the driver has not acknowledged yet; entry i has sequence number
         # `_settled_from + i` (the driver acknowledges by count, see `report`).
@@ -91,9 +91,12 @@ class GroupBuffer:
         deadline = asyncio.get_running_loop().time() + timeout_s
         async with self._changed:
             while True:
+                stale = self._store.counters["stale"]
                 batch, metrics = self._store.take(num_groups, learner_step)
                 if batch is not None:
                     break
+                if self._store.counters["stale"] > stale:
+                    self._changed.notify_all()  # the driver's watch: groups it has not seen leave
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     return None, {}
@@ -107,12 +110,15 @@ class GroupBuffer:
             self._metrics.observe("staleness_steps", staleness)
         return wire.encode_array(batch, max_bytes=self._max_wire_bytes), metrics
 
-    async def watch(self, steps_taken: int, acked: int) -> tuple[int, list[tuple[str, str, int]], BufferStatus]:
-        """The driver's view (`report`) once a batch is taken past `steps_taken` (room freed, stale
-        groups dropped; the status carries the new count). The driver awaits this, with its
-        requests, instead of polling the buffer on a timer; its puts bring their own report."""
+    async def watch(self, stale: int, acked: int) -> tuple[int, list[tuple[str, str, int]], BufferStatus]:
+        """The driver's view (`report`) once a take has dropped stale groups past the count `stale`:
+        the one change no call of the driver's brings back (its puts' replies carry their own
+        report, and the learner loop's status call after each step the batch taken and trained).
+        So in a healthy run this call stays pending; the driver awaits it with its requests
+        instead of polling the buffer, and it wakes the driver when a take that found too few
+        fresh groups has freed room and needs more."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self._steps_taken > steps_taken)
+            await self._changed.wait_for(lambda: self._store.counters["stale"] > stale)
         return self.report(acked)[:3]
 
     def report(self, acked: int, with_state: bool = False, trained_steps: int | None = None

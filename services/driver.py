@@ -95,9 +95,9 @@ class RolloutDriver:
         self._buffer_status = BufferStatus()
         self._metrics = telemetry.RoleMetrics("driver")
         # The loop sleeps until something that may let it dispatch happens: a request settles (its
-        # put brings the buffer's report), a batch is taken (`watch`, one call in flight), or a
-        # call here syncs with the buffer, brings news of a publish, or pauses, resumes or stops
-        # it (`_wake`).
+        # put brings the buffer's report), a call here syncs with the buffer (the learner loop's
+        # status after each step: the batch taken and trained, the publish), pauses, resumes or
+        # stops it (`_wake`), or a take drops stale groups (`watch`, one call pending).
         self._wake = asyncio.Event()
         self._published = -1  # the newest published version: the store's at start, then the loop's
         self._acked = 0  # settled groups taken from the buffer's reports (its sequence numbers)
@@ -111,8 +111,8 @@ class RolloutDriver:
         self._published = await self._store.version.remote()
         await self._sync_with_buffer()
         while not self._stop.is_set():
-            # Buffer reports come with its watch; a request that settled meanwhile leaves this
-            # view behind, which only delays a dispatch (fewer settled, fewer steps taken).
+            # Buffer reports come with puts, status calls and the watch; a request that settled
+            # meanwhile leaves this view behind, which only delays a dispatch (fewer settled).
             self._export_metrics()
             while not self._paused and len(self._tasks) < self._cfg.max_inflight_requests:
                 request = await self._next_request()
@@ -229,10 +229,9 @@ class RolloutDriver:
         return state
 
     async def _wait_for_change(self) -> None:
-        """Sleep until a request settles, a batch is taken from the buffer, or `_wake`."""
+        """Sleep until a request settles, the buffer drops stale groups, or `_wake`."""
         if self._watch is None:
-            self._watch = asyncio.ensure_future(
-                self._buffer.watch.remote(self._buffer_status.steps_taken, self._acked))
+            self._watch = asyncio.ensure_future(self._buffer.watch.remote(self._buffer_status.stale, self._acked))
         wake = asyncio.ensure_future(self._wake.wait())
         await asyncio.wait({*self._tasks, self._watch, wake}, return_when=asyncio.FIRST_COMPLETED)
         wake.cancel()

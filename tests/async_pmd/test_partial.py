@@ -21,7 +21,7 @@ from async_pmd.config import AlgorithmConfig
 from async_pmd.data import Prompt
 from async_pmd.engines import SamplingParams
 from async_pmd.engines.torch_engine import TorchEngine
-from async_pmd.grouping import GroupStore
+from async_pmd.grouping import GroupStore, segment_metrics
 from async_pmd.partial import PartialPool, row_seed, rows_request, to_rollout_group
 
 N, LENGTH = 2, 6
@@ -181,3 +181,42 @@ def test_pool_and_torch_engine_reproduce_uninterrupted_responses(engine):
                 max_new_tokens=length, row_seeds=(row_seed(11, g.uid, j, 0),)))[0][0]
             assert r.tokens == whole.token_ids.tolist() and r.finish_reason == whole.finish_reason
             np.testing.assert_allclose(r.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+
+
+def test_segment_metrics_match_a_per_token_reference_on_random_mixed_groups():
+    """`segment_metrics` (a few array calls per group) against the plain reading of its definition,
+    token by token in float64: random groups, some in segments over several versions (zero-length
+    segments and responses included), some in one piece (no segment arrays, as the wire decodes
+    them)."""
+    rng = np.random.default_rng(7)
+    for trial in range(50):
+        groups, ref_segments, ref_old, ref_tokens, responses = [], 0, 0.0, 0.0, 0
+        for i in range(int(rng.integers(1, 6))):
+            n, version = int(rng.integers(1, 5)), int(rng.integers(0, 5))
+            lengths, versions = [], []
+            for _ in range(n):
+                s = int(rng.integers(1, 4))
+                lengths.append(rng.integers(0, 4, s).astype(np.int32))
+                versions.append(np.sort(version + rng.integers(0, 3, s)).astype(np.int64))
+            segmented = bool(rng.integers(0, 2))
+            if not segmented:  # one piece: one segment per response, at the group's version
+                lengths = [np.array([int(rng.integers(0, 6))], np.int32) for _ in range(n)]
+                versions = [np.array([version], np.int64) for _ in range(n)]
+            for ls, vs in zip(lengths, versions):
+                responses += 1
+                ref_segments += len(ls)
+                for length, v in zip(ls.tolist(), vs.tolist()):
+                    ref_tokens += length
+                    if v < vs.tolist()[-1]:
+                        ref_old += length
+            groups.append(wire.ScoredGroup(
+                uid=f"t{trial}-g{i}", prompt_ids=np.array([1], np.int32),
+                response_ids=[np.full(int(ls.sum()), 9, np.int32) for ls in lengths],
+                logprobs=[np.full(int(ls.sum()), -0.5, np.float32) for ls in lengths],
+                finish_reasons=["stop"] * n, policy_version=min(int(v[0]) for v in versions), prompt_text="p",
+                response_texts=["r"] * n, answer="a", sample_index=0,
+                segment_lengths=lengths if segmented else None, segment_versions=versions if segmented else None,
+                rewards=np.zeros(n, np.float32), reward_status=["ok"] * n))
+        got = segment_metrics(groups)
+        assert got["partial/segments_per_response"] == pytest.approx(ref_segments / responses, rel=1e-12)
+        assert got["partial/old_version_token_share"] == pytest.approx(ref_old / max(ref_tokens, 1.0), rel=1e-12)
