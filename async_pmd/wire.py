@@ -23,8 +23,9 @@ Layout of one message (little-endian; hosts are assumed little-endian):
              array ends.
 
 A message may also travel in parts (`encode_parts`, the weights' form): the bytes up to D, then
-each array's bytes as a buffer of its own, in table order; the header is the same, so `decode`
-checks the parts against it as it checks one buffer.
+the data as buffers in table order, each holding the message's bytes from one array's offset to
+the end of the last array it holds (one array, or a run of them back to back); the header is the
+same, so `decode` checks the parts against it as it checks one buffer.
 
 `decode` reads arrays with `np.frombuffer` over the input, so they are zero-copy, read-only views
 that keep the input alive: copy one before writing to it. Ragged data travels flat (values plus
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 import struct
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -810,12 +812,15 @@ class NamedTensors:
 
 
 def named_tensors_to_wire(state: dict, version: int) -> NamedTensors:
-    """A state dict as NamedTensors; CPU tensors are shared, not copied (encode copies once)."""
+    """A state dict as NamedTensors; CPU tensors are shared, not copied (encode copies once).
+    Tensors that share a storage (DeepSpeed's flat ZeRO ≤ 2 buffer) come as views of one array."""
     import torch
 
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    storages = Counter(t.untyped_storage().data_ptr() for t in tensors.values() if t.nbytes)
+    owners: dict[int, np.ndarray] = {}  # a storage that several tensors share, as one uint8 array
     names, arrays, dtypes = [], [], []
-    for name, t in state.items():
-        t = t.detach().cpu().contiguous()
+    for name, t in tensors.items():
         if t.dtype == torch.bfloat16:
             a, wd = t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
         else:
@@ -824,6 +829,14 @@ def named_tensors_to_wire(state: dict, version: int) -> NamedTensors:
             except TypeError as e:  # float8, complex32, ...: numpy has no such dtype
                 raise WireError(f"NamedTensors[{name!r}]: {t.dtype} is not carried") from e
             wd = a.dtype.name
+        key = t.untyped_storage().data_ptr()
+        if t.nbytes and storages[key] > 1:
+            # Views of one array, so that encode_parts can hand a run of them to Ray as one part.
+            owner = owners.get(key)
+            if owner is None:
+                owner = owners[key] = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()).numpy()
+            at = t.data_ptr() - key
+            a = owner[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
         names.append(name)
         arrays.append(a)
         dtypes.append(wd)
@@ -895,8 +908,9 @@ def _byte_view(buf) -> memoryview:
 
 
 def _read_array(mv: memoryview, where: str, entry, data_start: int, cursor: int, part=None) -> tuple:
-    """One array-table entry as a read-only view of `mv` (of `part`, its own buffer, for a message
-    in parts); returns (array, wire dtype, end)."""
+    """One array-table entry as a read-only view of `mv` (of `part`, (buffer, the message offset it
+    starts at or None when this array opens it), for a message in parts); returns (array, wire
+    dtype, end)."""
     if not (isinstance(entry, list) and len(entry) == 4):
         _fail(where, "expected [dtype, shape, offset, nbytes]")
     wd, shape, offset, nbytes = entry
@@ -911,9 +925,10 @@ def _read_array(mv: memoryview, where: str, entry, data_start: int, cursor: int,
     if type(nbytes) is not int or nbytes != count * dtype.itemsize:
         _fail(where, f"nbytes {nbytes!r:.40} disagrees with shape {shape} of {wd}")
     if part is not None:
-        if part.nbytes != nbytes:
-            _fail(where, f"its part holds {part.nbytes} bytes, the table says {nbytes}")
-        mv, start = part, 0
+        mv, part_start = part
+        start = 0 if part_start is None else offset - part_start  # None: this array opens its part
+        if start + nbytes > mv.nbytes:
+            _fail(where, f"{nbytes} bytes at {start} run past the end of its part ({mv.nbytes} bytes)")
     elif data_start + offset + nbytes > mv.nbytes:
         _fail(where, f"runs past the end of the message ({mv.nbytes} bytes)")
     else:
@@ -946,23 +961,34 @@ def _unpack(buf, max_bytes: int) -> tuple[str, dict, dict, dict]:
 
 
 def _unpack_parts(parts, max_bytes: int) -> tuple[str, dict, dict, dict]:
-    """A message as `encode_parts` made it: the head (prefix, header, padding) alone, then one
-    buffer per array in table order."""
+    """A message as `encode_parts` made it: the head (prefix, header, padding) alone, then the data
+    in table order, a part opened by each array that does not fall in the one before."""
     if not parts:
-        _fail("parts", "empty: expected the head, then one buffer per array")
+        _fail("parts", "empty: expected the head, then the arrays' bytes")
     head = _byte_view(parts[0])
     header, data_start = _header(head)
     if head.nbytes != data_start:
         _fail("parts[0]", f"the head is {head.nbytes} bytes, its header says {data_start}")
-    table = header["arrays"]
-    if len(parts) != 1 + len(table):
-        _fail("parts", f"{len(parts)} parts for {len(table)} arrays (expected the head + one each)")
     arrays, wire_dtypes, end = {}, {}, 0
-    for i, (name, entry) in enumerate(table.items(), start=1):
+    opened, part, part_start, part_end = 0, None, None, 0
+    for name, entry in header["arrays"].items():
         where = f"arrays[{name!r:.40}]"
-        arrays[name], wire_dtypes[name], end = _read_array(head, where, entry, data_start, end, _byte_view(parts[i]))
+        opens = part is None or end >= part_end  # the part before is used up
+        if opens:
+            opened += 1
+            if opened >= len(parts):
+                _fail("parts", f"{len(parts)} parts end before {where}")
+            part, part_start = _byte_view(parts[opened]), None
+        arrays[name], wire_dtypes[name], end = _read_array(head, where, entry, data_start, end, (part, part_start))
+        if opens:
+            part_start = entry[2]  # checked by _read_array
+            part_end = part_start + part.nbytes
         if data_start + end > max_bytes:
             _fail("message", f"{data_start + end} bytes exceeds max_bytes={max_bytes}")
+    if opened + 1 != len(parts):
+        _fail("parts", f"{len(parts)} parts, but the arrays fill {opened + 1} (with the head)")
+    if part is not None and end != part_end:
+        _fail(f"parts[{opened}]", f"{part_end - end} bytes past the end of its last array")
     return header["kind"], header["meta"], arrays, wire_dtypes
 
 
@@ -1024,11 +1050,38 @@ def encode_array(msg, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
 
 def encode_parts(msg, max_bytes: int = DEFAULT_MAX_BYTES) -> list[np.ndarray]:
     """The same message without joining it: the head (prefix, header, padding) as a uint8 array,
-    then each array's bytes as a uint8 view of it, no copy. `ray.put(parts)` writes them straight
+    then the arrays' bytes as uint8 views of them, no copy. `ray.put(parts)` writes them straight
     into shared memory, so the put is the message's one copy (`encode_array` + put make two);
-    `decode(parts)` reads them back. For weights, where that copy is the model."""
-    head, parts, _ = _framed(msg, max_bytes)
-    return [np.frombuffer(head, np.uint8), *(data for _, data in parts)]
+    `decode(parts)` reads them back. For weights, where that copy is the model.
+
+    Arrays that are views of one buffer, back to back in it as they are in the message (the
+    parameters in DeepSpeed's flat ZeRO buffer, `named_tensors_to_wire`), go as one part: Ray
+    copies each large part with a pool of threads it starts for that part."""
+    head, framed, _ = _framed(msg, max_bytes)
+    parts, end = [np.frombuffer(head, np.uint8)], -1
+    for start, data in framed:
+        run = _joined(parts[-1], data) if start == end and len(parts) > 1 else None
+        if run is None:
+            parts.append(data)
+        else:
+            parts[-1] = run
+        end = start + data.nbytes
+    return parts
+
+
+def _joined(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """One uint8 view of a's bytes then b's, when both view one buffer and b starts where a ends."""
+    if not (a.nbytes and b.nbytes and a.base is not None and a.base is b.base
+            and a.ctypes.data + a.nbytes == b.ctypes.data):
+        return None
+    owner = np.asarray(a.base)
+    if not owner.flags.c_contiguous:
+        return None
+    whole = owner.reshape(-1).view(np.uint8)
+    start = a.ctypes.data - whole.ctypes.data
+    if start < 0 or start + a.nbytes + b.nbytes > whole.nbytes:
+        return None
+    return whole[start:start + a.nbytes + b.nbytes]
 
 
 def decode(buf, max_bytes: int = DEFAULT_MAX_BYTES, expect: type | tuple[type, ...] | None = None):

@@ -1,7 +1,7 @@
 """Weight sync as the model grows: publish → every replica current, against one memcpy.
 
     .venv/bin/python ops/bench/weight_sync.py [--sizes tiny 25m 150m] [--replicas 2] [--repeats 5]
-        [--transport object_store|collective] [--load adopt|copy]
+        [--transport object_store|collective] [--load adopt|copy] [--layout flat|separate]
 
 For random Qwen2 models of each size (float32), the object-store path the job takes every
 `weight_sync.interval` steps, timed from the learner's side until every replica is current:
@@ -9,7 +9,13 @@ For random Qwen2 models of each size (float32), the object-store path the job ta
 - publish (in this process, standing for learner rank 0): the parameters as CPU views, as
   `ds_engine.full_state_dict(clone=False)` gives them at ZeRO ≤ 2, `wire.named_tensors_to_wire` +
   `encode_parts` (views, no copy), one `ray.put` of the parts (the one copy on this side, into
-  shared memory) and `WeightStore.publish` of its ref;
+  shared memory) and `WeightStore.publish` of its ref. `--layout flat` (the default) keeps the
+  parameters in one flat buffer, back to back, as ZeRO-1/2 do (`tests/async_pmd/test_learner_reset.py`),
+  so the put gets the head and one part; `--layout separate`, one allocation per parameter (ZeRO-0,
+  or weights copied off a GPU one tensor at a time), one part each. The table also counts the
+  syncs whose put touched fresh shared-memory pages (page faults in this process during the put
+  for at least half the message's 4 KiB pages: the object store placed it where no object was
+  before), the slow mode of the put;
 - pull (in each of `--replicas` Ray actors, each a `TorchEngine` of the same architecture, as in a
   generator replica's `_fetch`): `WeightStore.latest`, fetch, `wire.decode`, `to_torch` sharing
   the message's read-only memory, `engine.adopt_weights` (the message's memory becomes the
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -72,6 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--transport", choices=["object_store", "collective"], default="object_store")
     parser.add_argument("--load", choices=["adopt", "copy"], default="adopt")
+    parser.add_argument("--layout", choices=["flat", "separate"], default="flat")
     args = parser.parse_args()
 
     import ray
@@ -132,6 +140,12 @@ def main() -> None:
     try:
         for size in args.sizes:
             model = build_model(SIZES[size], seed=0)
+            if args.layout == "flat":  # as DeepSpeed ZeRO-1/2: every parameter a view of one flat buffer
+                buffer = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+                at = 0
+                for p in model.parameters():
+                    p.data = buffer[at:at + p.numel()].view_as(p)
+                    at += p.numel()
             params = sum(p.numel() for p in model.parameters())
             store = WeightStore.remote()
             replicas = [Replica.remote(SIZES[size], store) for _ in range(args.replicas)]
@@ -145,7 +159,7 @@ def main() -> None:
                         world_size=2, group_name=name, backend="gloo", timeout_s=300))
                     ray.get(joined)
             senders = ThreadPoolExecutor(max(1, len(groups)))
-            syncs, publishes, pulls, firsts, seconds, nbytes = [], [], [], [], [], 0
+            syncs, publishes, pulls, firsts, seconds, fresh, nbytes = [], [], [], [], [], 0, 0
             for version in range(1, args.repeats + 2):  # the first sync warms the path: left out
                 start = time.perf_counter()
                 # As `ds_engine.full_state_dict`: clones for the broadcast, views for the object
@@ -159,15 +173,17 @@ def main() -> None:
                     receiving = [r.receive.remote(manifest) for r in replicas]
                     list(senders.map(lambda g: weight_broadcast.send(state, g), groups))
                     pull_s = ray.get(receiving)
-                    nbytes = sum(t.nbytes for t in state.values())
+                    nbytes, nparts, faults = sum(t.nbytes for t in state.values()), 0, 0
                     del state
                 else:
                     parts = wire.encode_parts(wire.named_tensors_to_wire(state, version), max_bytes=2**34)
+                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     ref = ray.put(parts)  # as learner rank 0: the one copy, owned by the publisher
+                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
                     ray.get(store.publish.remote(version, [ref]))
                     published = time.perf_counter()
                     pull_s = ray.get([r.pull.remote(args.load) for r in replicas])
-                    nbytes = sum(p.nbytes for p in parts)
+                    nbytes, nparts = sum(p.nbytes for p in parts), len(parts)
                     del state, parts, ref
                 done = time.perf_counter()
                 first = ray.get([r.forward.remote() for r in replicas])
@@ -178,6 +194,7 @@ def main() -> None:
                     pulls.append(max(pull_s))
                     firsts.append(max(first))
                     seconds.append(max(second))
+                    fresh += faults >= nbytes / 4096 / 2
             flat = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
             into = torch.empty_like(flat)
             copies = []
@@ -186,7 +203,7 @@ def main() -> None:
                 into.copy_(flat)
                 copies.append(time.perf_counter() - start)
             memcpy = statistics.median(copies[1:])
-            rows.append((size, params, nbytes, statistics.median(publishes), statistics.median(pulls),
+            rows.append((size, params, nbytes, nparts, fresh, statistics.median(publishes), statistics.median(pulls),
                          statistics.median(syncs), memcpy, statistics.median(firsts), statistics.median(seconds)))
             for group in groups:
                 weight_broadcast.close(group)
@@ -197,16 +214,16 @@ def main() -> None:
     finally:
         ray.shutdown()
 
-    load = f", {args.load}" if args.transport == "object_store" else ""
+    load = f", {args.load}, {args.layout} parameters" if args.transport == "object_store" else ""
     print(f"\n{args.transport}{load}, {args.replicas} replicas, float32, median of {args.repeats} syncs; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print("| model | parameters | MB | publish ms | slowest replica's pull ms | publish → all current ms "
-          "| one memcpy ms | ratio | first forward after it ms | next forward ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for size, params, nbytes, pub, pull, sync, memcpy, first, second in rows:
-        print(f"| {size} | {params / 1e6:.2f} M | {nbytes / 2**20:.1f} | {pub * 1e3:.1f} | {pull * 1e3:.1f} | "
-              f"{sync * 1e3:.1f} | {memcpy * 1e3:.2f} | {sync / memcpy:.1f}x | {first * 1e3:.1f} | {second * 1e3:.1f} |")
-
+    print("| model | parameters | MB | parts | puts on fresh pages | publish ms | slowest replica's pull ms "
+          "| publish → all current ms | one memcpy ms | ratio | first forward after it ms | next forward ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, params, nbytes, nparts, fresh, pub, pull, sync, memcpy, first, second in rows:
+        print(f"| {size} | {params / 1e6:.2f} M | {nbytes / 2**20:.1f} | {nparts} | {fresh} of {args.repeats} | "
+              f"{pub * 1e3:.1f} | {pull * 1e3:.1f} | {sync * 1e3:.1f} | {memcpy * 1e3:.2f} | {sync / memcpy:.1f}x | "
+              f"{first * 1e3:.1f} | {second * 1e3:.1f} |")
 
 if __name__ == "__main__":
     main()

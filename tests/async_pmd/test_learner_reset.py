@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import numpy as np, torch
-    from async_pmd import ds_engine, pmd_step
+    from async_pmd import ds_engine, pmd_step, wire
     from async_pmd.config import ActorConfig, LearnerConfig, PolicyLossConfig
     from async_pmd.models import build_tiny_model, load_model
     from async_pmd.wire import TrainBatch
@@ -57,24 +57,35 @@ SCRIPT = textwrap.dedent(
             "loss_finite": bool(np.isfinite(metrics["actor/loss"])),
             "moved": any(not torch.equal(before[n], after[n]) for n in after),
         }
+        if stage < 3:  # the object-store publish's parts: views of ZeRO's flat buffer, no clone
+            state = ds_engine.full_state_dict(engine, stage, clone=False)
+            parts = wire.encode_parts(wire.named_tensors_to_wire(state, 1))
+            back = wire.decode(parts, expect=wire.NamedTensors).to_torch()
+            report[stage]["publish_parts"] = len(parts)
+            report[stage]["publish_same"] = all(torch.equal(back[n], t) for n, t in state.items())
+            report[stage]["publish_zero_copy"] = parts[1].ctypes.data == next(iter(state.values())).data_ptr()
         engine.destroy()
     print(json.dumps(report))
     """
 )
 
 
-@pytest.mark.slow
-def test_reset_zeroes_state_under_every_zero_stage_and_training_continues(tmp_path):
-    """Stages 0-3: after two steps Adam's state is non-zero; reset zeroes every tensor of it
-    (exp_avg, exp_avg_sq, step); the next step runs from Adam step 1 and moves the weights."""
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
     from async_pmd.ports import find_free_port
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(find_free_port()), str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(find_free_port()), str(tmp_path_factory.mktemp("reset"))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_reset_zeroes_state_under_every_zero_stage_and_training_continues(report):
+    """Stages 0-3: after two steps Adam's state is non-zero; reset zeroes every tensor of it
+    (exp_avg, exp_avg_sq, step); the next step runs from Adam step 1 and moves the weights."""
     assert sorted(report) == ["0", "1", "2", "3"]
     for stage, r in report.items():
         assert r["tensors"] > 0 and r["nonzero_before"] > 0, (stage, r)
@@ -82,3 +93,15 @@ def test_reset_zeroes_state_under_every_zero_stage_and_training_continues(tmp_pa
         assert r["steps_after"] == [1.0], (stage, r)  # bias correction restarts
         assert r["loss_finite"] and r["moved"], (stage, r)
 
+
+
+@pytest.mark.slow
+def test_zero_1_and_2_parameters_publish_as_one_part(report):
+    """ZeRO-1/2 keep the parameters as views of one flat buffer, back to back: the object-store
+    publish hands Ray the head and one part, a view of that buffer (no copy), which decodes to the
+    same weights. ZeRO-0 keeps them apart: one part each. (What `wire.encode_parts` relies on for
+    fewer, larger copies into shared memory; README "Weight sync as the model grows".)"""
+    for stage in ("1", "2"):
+        assert report[stage]["publish_parts"] == 2, report[stage]
+        assert report[stage]["publish_same"] and report[stage]["publish_zero_copy"], report[stage]
+    assert report["0"]["publish_parts"] > 2 and report["0"]["publish_same"], report["0"]

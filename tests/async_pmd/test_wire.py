@@ -215,6 +215,35 @@ def test_parts_are_the_same_message_without_a_copy():
     assert not back.arrays[0].flags.writeable
 
 
+def test_arrays_back_to_back_in_one_buffer_go_as_one_part():
+    """Tensors that share a storage (DeepSpeed's flat ZeRO buffer) come out of
+    named_tensors_to_wire as views of one array, and encode_parts hands each run of them that lies
+    back to back in the message as one part, a view of the storage: no copy, and fewer, larger
+    parts for Ray to write. A tensor of its own, one whose size breaks the 64-byte layout, or one
+    of another storage ends a run. The parts decode to the same message, zero-copy."""
+    import torch
+
+    flat = torch.randn(1024)
+    state = {"a": flat[:16], "b": flat[16:48].view(4, 8), "c": flat[48:49],  # c: 4 bytes, so d is not next
+             "d": flat[64:80], "e": flat[80:96], "own": torch.randn(3), "f": flat[96:112],
+             "bf16": flat[112:128].to(torch.bfloat16), "empty": flat[128:128], "g": flat[128:144]}
+    msg = named_tensors_to_wire(state, 3)
+    parts = encode_parts(msg)
+    runs = [("a", "b", "c"), ("d", "e"), ("own",), ("f",), ("bf16",), ("empty",), ("g",)]
+    assert [p.nbytes for p in parts[1:]] == [sum(state[n].nbytes for n in run) for run in runs]
+    assert parts[1].ctypes.data == flat.data_ptr() and parts[2].ctypes.data == flat[64:].data_ptr()
+    whole = encode(msg)
+    assert b"".join(p.tobytes() for p in parts) != whole  # padding is not sent...
+    back = decode(parts, expect=NamedTensors)
+    assert encode(back) == whole  # ...but the message is the same
+    assert back.arrays[1].ctypes.data == flat[16:].data_ptr() and not back.arrays[1].flags.writeable
+    for name, a in back.to_torch().items():
+        assert torch.equal(a, state[name].contiguous())
+    # the same message with one part per array (what a reader of the old layout got) reads the same
+    framed = [parts[0], *(a.reshape(-1).view(np.uint8) for a in msg.arrays)]
+    assert encode(decode(framed)) == whole
+
+
 def _named_parts():
     return encode_parts(NamedTensors(version=1, names=["a", "b"],
                                      arrays=[np.arange(6, dtype=np.float32), np.ones(3, np.int64)]))
@@ -222,9 +251,13 @@ def _named_parts():
 
 @pytest.mark.parametrize("case, match", [
     (lambda p: [], "empty"),
-    (lambda p: p[:2], "2 parts for 2 arrays"),
-    (lambda p: p + [p[1]], "4 parts for 2 arrays"),
-    (lambda p: [p[0], p[1][:-4], p[2]], "table says"),
+    (lambda p: p[:2], "2 parts end before arrays\\['b'\\]"),
+    (lambda p: p + [p[1]], "4 parts, but the arrays fill 3"),
+    (lambda p: [p[0], p[1][:-4], p[2]], "run past the end of its part"),
+    (lambda p: [p[0], np.concatenate([p[1], np.zeros(8, np.uint8)]), p[2]], "run past the end of its part"),
+    (lambda p: [p[0], p[1], np.concatenate([p[2], np.zeros(8, np.uint8)])], "8 bytes past the end"),
+    # a's 24 bytes, then b at its 64-aligned offset: a run must hold the padding between them
+    (lambda p: [p[0], np.concatenate([p[1], p[2]])], "run past the end of its part"),
     (lambda p: [p[0], p[1], np.ones(3, np.float32)], "uint8"),
     (lambda p: [p[0], p[1], "abc"], "expected bytes"),
     (lambda p: [p[0][:-1], p[1], p[2]], "head"),
