@@ -208,13 +208,22 @@ def _default_spec() -> dict[str, Any]:
 
 
 def _check_spec(path: Path, spec: dict[str, Any]) -> None:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    # config.json itself, not transformers' AutoConfig: importing that costs the launcher ~4 CPU
+    # seconds (it pulls in torch) before it starts any actor. A field the file omits is the config
+    # class's default, which only transformers knows.
+    saved, config = json.loads((path / "config.json").read_text()), None
     for key, want in spec.items():
         if key == "seed":
             continue  # not recorded in the config: another seed is the same architecture
-        have = getattr(config, _SPEC_TO_CONFIG[key])
+        field = _SPEC_TO_CONFIG[key]
+        if field in saved:
+            have = saved[field]
+        else:
+            if config is None:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(path, local_files_only=True)
+            have = getattr(config, field)
         if have != want:
             raise ValueError(
                 f"model at {path} has {_SPEC_TO_CONFIG[key]}={have}, but {key}={want} was asked; "

@@ -1,6 +1,9 @@
 """async_pmd.models: the char tokenizer, the tiny-model builder, and local-only load/save."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, whatever happens
 
@@ -8,6 +11,8 @@ import pytest
 import torch
 
 from async_pmd import models
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +67,22 @@ def test_ensure_tiny_model_builds_once_and_refuses_a_different_spec(tmp_path):
         models.ensure_tiny_model(path, hidden_size=16)
     with pytest.raises(TypeError, match="unknown tiny-model spec"):
         models.ensure_tiny_model(path, hiden_size=32)
+
+
+def test_reusing_a_built_tiny_model_imports_neither_transformers_nor_torch(tmp_path):
+    """The launcher checks an existing tiny model before it starts any actor: reading config.json
+    is enough, so a fresh process does it without transformers' AutoConfig (which imports torch,
+    ~4 CPU seconds on the way to the first learner step). The spec is still checked there."""
+    path = models.build_tiny_model(tmp_path / "m", hidden_size=32, num_heads=2, num_kv_heads=1)
+    check = ("import sys; from async_pmd import models; "
+             f"models.ensure_tiny_model({str(path)!r}, hidden_size=32, num_heads=2, num_kv_heads=1); "
+             "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+    refuse = check.replace("hidden_size=32", "hidden_size=16")
+    proc = subprocess.run([sys.executable, "-c", refuse], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "hidden_size=16" in proc.stderr
 
 
 def test_missing_model_path_raises_without_downloading(tmp_path):

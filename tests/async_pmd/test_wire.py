@@ -227,9 +227,11 @@ def test_arrays_back_to_back_in_one_buffer_go_as_one_part():
     state = {"a": flat[:16], "b": flat[16:48].view(4, 8), "c": flat[48:49],  # c: 4 bytes, so d is not next
              "d": flat[64:80], "e": flat[80:96], "own": torch.randn(3), "f": flat[96:112],
              "bf16": flat[112:128].to(torch.bfloat16), "empty": flat[128:128], "g": flat[128:144]}
+    flat16 = torch.randn(64).to(torch.bfloat16)  # a bf16 flat buffer, as ZeRO keeps bf16 weights
+    state |= {"h1": flat16[:32], "h2": flat16[32:]}
     msg = named_tensors_to_wire(state, 3)
     parts = encode_parts(msg)
-    runs = [("a", "b", "c"), ("d", "e"), ("own",), ("f",), ("bf16",), ("empty",), ("g",)]
+    runs = [("a", "b", "c"), ("d", "e"), ("own",), ("f",), ("bf16",), ("empty",), ("g",), ("h1", "h2")]
     assert [p.nbytes for p in parts[1:]] == [sum(state[n].nbytes for n in run) for run in runs]
     assert parts[1].ctypes.data == flat.data_ptr() and parts[2].ctypes.data == flat[64:].data_ptr()
     whole = encode(msg)
