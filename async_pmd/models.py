@@ -209,14 +209,14 @@ def _default_spec() -> dict[str, Any]:
 
 def _check_spec(path: Path, spec: dict[str, Any]) -> None:
     # config.json itself, not transformers' AutoConfig: importing that costs the launcher ~4 CPU
-    # seconds (it pulls in torch) before it starts any actor. A field the file omits is the config
-    # class's default, which only transformers knows.
+    # seconds (it pulls in torch) before it starts any actor. A field the file omits (or leaves
+    # null) is what the config class derives, which only transformers knows.
     saved, config = json.loads((path / "config.json").read_text()), None
     for key, want in spec.items():
         if key == "seed":
             continue  # not recorded in the config: another seed is the same architecture
         field = _SPEC_TO_CONFIG[key]
-        if field in saved:
+        if saved.get(field) is not None:
             have = saved[field]
         else:
             if config is None:

@@ -817,8 +817,11 @@ def named_tensors_to_wire(state: dict, version: int) -> NamedTensors:
     import torch
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
-    storages = Counter(t.untyped_storage().data_ptr() for t in tensors.values() if t.nbytes)
-    owners: dict[int, np.ndarray] = {}  # a storage that several tensors share, as one uint8 array
+    def storage_of(t):  # two storages may start at one address (a slice's and its base's)
+        return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+
+    storages = Counter(storage_of(t) for t in tensors.values() if t.nbytes)
+    owners: dict[tuple, np.ndarray] = {}  # a storage that several tensors share, as one uint8 array
     names, arrays, dtypes = [], [], []
     for name, t in tensors.items():
         if t.dtype == torch.bfloat16:
@@ -829,14 +832,15 @@ def named_tensors_to_wire(state: dict, version: int) -> NamedTensors:
             except TypeError as e:  # float8, complex32, ...: numpy has no such dtype
                 raise WireError(f"NamedTensors[{name!r}]: {t.dtype} is not carried") from e
             wd = a.dtype.name
-        key = t.untyped_storage().data_ptr()
+        key = storage_of(t)
         if t.nbytes and storages[key] > 1:
             # Views of one array, so that encode_parts can hand a run of them to Ray as one part.
             owner = owners.get(key)
             if owner is None:
                 owner = owners[key] = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()).numpy()
-            at = t.data_ptr() - key
-            a = owner[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+            at = t.data_ptr() - key[0]
+            if 0 <= at and at + a.nbytes <= owner.nbytes:
+                a = owner[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
         names.append(name)
         arrays.append(a)
         dtypes.append(wd)
@@ -974,6 +978,9 @@ def _unpack_parts(parts, max_bytes: int) -> tuple[str, dict, dict, dict]:
     for name, entry in header["arrays"].items():
         where = f"arrays[{name!r:.40}]"
         opens = part is None or end >= part_end  # the part before is used up
+        if not opens and isinstance(entry, list) and len(entry) == 4 and type(entry[2]) is int \
+                and entry[2] >= part_end:
+            _fail(f"parts[{opened}]", f"{part_end - end} bytes past the end of its last array")
         if opens:
             opened += 1
             if opened >= len(parts):
@@ -1071,11 +1078,9 @@ def encode_parts(msg, max_bytes: int = DEFAULT_MAX_BYTES) -> list[np.ndarray]:
 
 def _joined(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     """One uint8 view of a's bytes then b's, when both view one buffer and b starts where a ends."""
-    if not (a.nbytes and b.nbytes and a.base is not None and a.base is b.base
-            and a.ctypes.data + a.nbytes == b.ctypes.data):
-        return None
-    owner = np.asarray(a.base)
-    if not owner.flags.c_contiguous:
+    owner = a.base
+    if not (a.nbytes and b.nbytes and isinstance(owner, np.ndarray) and owner is b.base
+            and owner.flags.c_contiguous and a.ctypes.data + a.nbytes == b.ctypes.data):
         return None
     whole = owner.reshape(-1).view(np.uint8)
     start = a.ctypes.data - whole.ctypes.data

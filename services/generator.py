@@ -176,7 +176,7 @@ class Generator:
         version, refs, sender = latest
         start = time.perf_counter()
         if refs:
-            parts = ray.get(refs[0])  # the head and one buffer per tensor, views of shared memory
+            parts = ray.get(refs[0])  # the head, then a buffer per tensor or run of tensors, views of shared memory
             msg = wire.decode(parts, max_bytes=self._weight_sync.max_bytes, expect=wire.NamedTensors)
             adopt = getattr(self._engine, "adopt_weights", None)
             if adopt is not None:  # the torch engine keeps the message's memory as its weights: no copy

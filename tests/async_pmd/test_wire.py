@@ -241,6 +241,12 @@ def test_arrays_back_to_back_in_one_buffer_go_as_one_part():
     assert back.arrays[1].ctypes.data == flat[16:].data_ptr() and not back.arrays[1].flags.writeable
     for name, a in back.to_torch().items():
         assert torch.equal(a, state[name].contiguous())
+    # a slice's storage and its base's start at one address: each keeps its own bytes
+    base = np.arange(64, dtype=np.float32)
+    aliased = named_tensors_to_wire({"head": torch.from_numpy(base[:16]), "all": torch.from_numpy(base),
+                                     "also_head": torch.from_numpy(base[:16])}, 1)
+    assert [a.tolist() for a in decode(encode_parts(aliased)).arrays] == [base[:16].tolist(), base.tolist(),
+                                                                          base[:16].tolist()]
     # the same message with one part per array (what a reader of the old layout got) reads the same
     framed = [parts[0], *(a.reshape(-1).view(np.uint8) for a in msg.arrays)]
     assert encode(decode(framed)) == whole
@@ -256,10 +262,10 @@ def _named_parts():
     (lambda p: p[:2], "2 parts end before arrays\\['b'\\]"),
     (lambda p: p + [p[1]], "4 parts, but the arrays fill 3"),
     (lambda p: [p[0], p[1][:-4], p[2]], "run past the end of its part"),
-    (lambda p: [p[0], np.concatenate([p[1], np.zeros(8, np.uint8)]), p[2]], "run past the end of its part"),
+    (lambda p: [p[0], np.concatenate([p[1], np.zeros(8, np.uint8)]), p[2]], "parts\\[1\\]: 8 bytes past the end"),
     (lambda p: [p[0], p[1], np.concatenate([p[2], np.zeros(8, np.uint8)])], "8 bytes past the end"),
     # a's 24 bytes, then b at its 64-aligned offset: a run must hold the padding between them
-    (lambda p: [p[0], np.concatenate([p[1], p[2]])], "run past the end of its part"),
+    (lambda p: [p[0], np.concatenate([p[1], p[2]])], "parts\\[1\\]: 24 bytes past the end of its last array"),
     (lambda p: [p[0], p[1], np.ones(3, np.float32)], "uint8"),
     (lambda p: [p[0], p[1], "abc"], "expected bytes"),
     (lambda p: [p[0][:-1], p[1], p[2]], "head"),
