@@ -816,9 +816,10 @@ def named_tensors_to_wire(state: dict, version: int) -> NamedTensors:
     Tensors that share a storage (DeepSpeed's flat ZeRO ≤ 2 buffer) come as views of one array."""
     import torch
 
-    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     def storage_of(t):  # two storages may start at one address (a slice's and its base's)
         return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
 
     storages = Counter(storage_of(t) for t in tensors.values() if t.nbytes)
     owners: dict[tuple, np.ndarray] = {}  # a storage that several tensors share, as one uint8 array
@@ -839,8 +840,7 @@ def named_tensors_to_wire(state: dict, version: int) -> NamedTensors:
             if owner is None:
                 owner = owners[key] = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()).numpy()
             at = t.data_ptr() - key[0]
-            if 0 <= at and at + a.nbytes <= owner.nbytes:
-                a = owner[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+            a = owner[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
         names.append(name)
         arrays.append(a)
         dtypes.append(wd)
@@ -913,8 +913,8 @@ def _byte_view(buf) -> memoryview:
 
 def _read_array(mv: memoryview, where: str, entry, data_start: int, cursor: int, part=None) -> tuple:
     """One array-table entry as a read-only view of `mv` (of `part`, (buffer, the message offset it
-    starts at or None when this array opens it), for a message in parts); returns (array, wire
-    dtype, end)."""
+    starts at or None when this array opens it, its name), for a message in parts); returns (array,
+    wire dtype, end)."""
     if not (isinstance(entry, list) and len(entry) == 4):
         _fail(where, "expected [dtype, shape, offset, nbytes]")
     wd, shape, offset, nbytes = entry
@@ -929,8 +929,10 @@ def _read_array(mv: memoryview, where: str, entry, data_start: int, cursor: int,
     if type(nbytes) is not int or nbytes != count * dtype.itemsize:
         _fail(where, f"nbytes {nbytes!r:.40} disagrees with shape {shape} of {wd}")
     if part is not None:
-        mv, part_start = part
+        mv, part_start, part_name = part
         start = 0 if part_start is None else offset - part_start  # None: this array opens its part
+        if part_start is not None and start >= mv.nbytes:  # the part ended before this array
+            _fail(part_name, f"{part_start + mv.nbytes - cursor} bytes past the end of its last array")
         if start + nbytes > mv.nbytes:
             _fail(where, f"{nbytes} bytes at {start} run past the end of its part ({mv.nbytes} bytes)")
     elif data_start + offset + nbytes > mv.nbytes:
@@ -978,15 +980,13 @@ def _unpack_parts(parts, max_bytes: int) -> tuple[str, dict, dict, dict]:
     for name, entry in header["arrays"].items():
         where = f"arrays[{name!r:.40}]"
         opens = part is None or end >= part_end  # the part before is used up
-        if not opens and isinstance(entry, list) and len(entry) == 4 and type(entry[2]) is int \
-                and entry[2] >= part_end:
-            _fail(f"parts[{opened}]", f"{part_end - end} bytes past the end of its last array")
         if opens:
             opened += 1
             if opened >= len(parts):
                 _fail("parts", f"{len(parts)} parts end before {where}")
             part, part_start = _byte_view(parts[opened]), None
-        arrays[name], wire_dtypes[name], end = _read_array(head, where, entry, data_start, end, (part, part_start))
+        arrays[name], wire_dtypes[name], end = _read_array(head, where, entry, data_start, end,
+                                                           (part, part_start, f"parts[{opened}]"))
         if opens:
             part_start = entry[2]  # checked by _read_array
             part_end = part_start + part.nbytes

@@ -225,5 +225,6 @@ def main() -> None:
               f"{pub * 1e3:.1f} | {pull * 1e3:.1f} | {sync * 1e3:.1f} | {memcpy * 1e3:.2f} | {sync / memcpy:.1f}x | "
               f"{first * 1e3:.1f} | {second * 1e3:.1f} |")
 
+
 if __name__ == "__main__":
     main()
