@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import yaml
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ClusterConfig, argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
+    launched = time.monotonic()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, args, report = parse_args(argv)
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             cluster.init_ray(cfg)
         finally:
             loop = importing.result()
-    trainer = loop.Trainer(cfg)
+    logger.info("Ray up and the job imported %.1f s after launch", time.monotonic() - launched)
+    trainer = loop.Trainer(cfg, launched_at=launched)
     try:
         trainer.setup(ray_started=True)
         final = trainer.train()

@@ -65,6 +65,7 @@ class Restored:
 def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | None) -> tuple[Services, Restored]:
     """The actors of a run, restored from `resume_from` when given; Serve apps are (re)deployed."""
     ns = cfg.ray.namespace
+    began, phases = time.monotonic(), {}  # where start-up's seconds go, logged once all is up
     with ThreadPoolExecutor(2) as pool:
         # Serve's controller starts first: the generator replicas, the slowest to be ready, wait
         # on it, and the other actors' start-up would delay it.
@@ -79,9 +80,12 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
             namespace=ns, seed=cfg.trainer.seed, scored_by_generator=cfg.score_in_generator)
         starting = pool.submit(LearnerGroup, cfg)
         controller.result()
+        phases["Serve's controller up"] = time.monotonic() - began
         if resume_from is None:
             deploy_serve(cfg)
+            phases["the Serve apps running (replicas loaded)"] = time.monotonic() - began
         learners = starting.result()
+        phases["learner ranks ready"] = time.monotonic() - began
     restored, state = Restored(0, 0.0), None
     if resume_from is not None:
         state = checkpoint.read_state(resume_from)
@@ -92,8 +96,11 @@ def start_services(cfg: ClusterConfig, pad_token_id: int, resume_from: Path | No
     learners.publish(restored.step)
     if resume_from is not None:
         deploy_serve(cfg)
+        phases["the Serve apps running (replicas loaded)"] = time.monotonic() - began
     if state is not None:
         ray.get(driver.load_state_dict.remote(state["driver"]))
+    logger.info("services up in %.1f s: %s", time.monotonic() - began,
+                ", ".join(f"{name} at {s:.1f} s" for name, s in phases.items()))
     return Services(store, buffer, learners, driver, driver.run.remote()), restored
 
 

@@ -38,8 +38,11 @@ _DRAIN_S = 30.0  # at the end, how long in-flight requests may settle before the
 class Trainer:
     """Owns the job's actors and its run directory (metrics.jsonl, config.yaml, checkpoints)."""
 
-    def __init__(self, cfg: ClusterConfig):
+    def __init__(self, cfg: ClusterConfig, launched_at: float | None = None):
+        """`launched_at`: the launcher's `time.monotonic()` at its start; the first learner step
+        logs how long after it came."""
         self.cfg = cfg
+        self._launched_at = launched_at if launched_at is not None else time.monotonic()
         self.run_dir = cfg.trainer.run_dir
         self.step = 0
         self._published = -1  # the newest weight version this loop has published
@@ -189,6 +192,9 @@ class Trainer:
         self.last_metrics = {"step": self.step, "time/elapsed_s": self._elapsed(), **metrics}
         self._faults.check(self.last_metrics)
         self._log.write(self.last_metrics)
+        if self._launched_at is not None:
+            logger.info("first learner step %.1f s after launch", time.monotonic() - self._launched_at)
+            self._launched_at = None
         bar.update(1)
         if self._log.console:
             bar.write(self._log.step_line(self.last_metrics, self._last_val))

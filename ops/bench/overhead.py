@@ -270,14 +270,19 @@ def first_reaching(rewards: np.ndarray, target: float, window: int) -> int | Non
 # ---------------------------------------------------------------- the job
 
 
-def run_job(out: Path, steps: int, extra: list[str], sample_s: float) -> dict:
+def job_command(out: Path, steps: int, extra: list[str]) -> tuple[list[str], Path]:
+    """The demo job's command line for `steps` steps under `out`, and its run directory."""
     name = "job"
-    run_dir = out / "runs" / name
     cmd = [sys.executable, "-m", "async_pmd.launch", str(REPO / "configs" / "cluster.yaml"),
            f"trainer.output_dir={out / 'runs'}", f"trainer.experiment_name={name}",
            f"trainer.total_steps={steps}", "trainer.total_minutes=null", "trainer.save_freq=0",
            "trainer.resume=disable", "checkpoint.export_hf=false", "metrics.enabled=false",
            f"model.path={out / 'model'}", *extra]
+    return cmd, out / "runs" / name
+
+
+def run_job(out: Path, steps: int, extra: list[str], sample_s: float) -> dict:
+    cmd, run_dir = job_command(out, steps, extra)
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """What one Ray actor call costs on this machine: the floor under the job's coordination CPU.
 
-    .venv/bin/python ops/bench/ray_call_cost.py [--calls 2000] [--payload-bytes 0 20000]
+    .venv/bin/python ops/bench/ray_call_cost.py [--calls 2000] [--payload-bytes 0 20000] [--system-config JSON]
 
 One async actor awaits `--calls` sequential calls of a no-op method on another async actor (as
 the RolloutDriver awaits the GroupBuffer), for each payload size; psutil reads both processes'
@@ -14,6 +14,7 @@ order, calls per learner step × the per-call CPU here + actors × the idle rate
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -64,12 +65,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--payload-bytes", type=int, nargs="+", default=[0, 20000])
     parser.add_argument("--idle-s", type=float, default=5.0)
+    parser.add_argument("--system-config", type=json.loads, default={},
+                        help="Ray system config, JSON (e.g. '{\"event_stats\": false}'): what a setting changes per call")
     args = parser.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    shown = json.dumps(args.system_config)  # ray.init adds its own keys to the dict it is given
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             _system_config=args.system_config)
     callee = Callee.remote()
     caller = Caller.remote(callee)
     caller_p, callee_p = psutil.Process(ray.get(caller.pid.remote())), psutil.Process(ray.get(callee.pid.remote()))
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; Ray system config {shown}\n")
     print("| loop | payload bytes | wall ms / call | caller CPU ms / call | callee CPU ms / call | both |")
     print("|---|---:|---:|---:|---:|---:|")
     for size in args.payload_bytes:

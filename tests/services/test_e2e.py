@@ -6,6 +6,7 @@ DeepSpeed learner on gloo, exactly as a user's run does; only the number of step
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +24,34 @@ CHANCE = 0.01  # a random tiny model emits digit-then-EOS ~0.4% of the time (tes
 pytestmark = pytest.mark.slow
 
 
-def launch(tmp_path: Path, name: str, *overrides: str, model_dir: Path) -> list[dict]:
+def launch(tmp_path: Path, name: str, *overrides: str, model_dir: Path, logs: list[str] | None = None) -> list[dict]:
+    """The run's metrics records; its log lines (stderr) are appended to `logs` when given."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "async_pmd.launch", str(REPO / "configs" / "cluster.yaml"),
            f"trainer.output_dir={tmp_path}", f"trainer.experiment_name={name}", f"model.path={model_dir}",
            "metrics.enabled=false", *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if logs is not None:
+        logs += proc.stderr.splitlines()
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def assert_startup_logged(logs: list[str], resumed: bool) -> None:
+    """Where start-up's seconds went, in order: Ray, each phase of the services, the first step."""
+    seconds = {}
+    for pattern in (r"Ray up and the job imported ([\d.]+) s after launch", r"services up in ([\d.]+) s: ",
+                    r"Serve's controller up at ([\d.]+) s", r"the Serve apps running \(replicas loaded\) at ([\d.]+) s",
+                    r"learner ranks ready at ([\d.]+) s", r"first learner step ([\d.]+) s after launch"):
+        found = [float(m.group(1)) for line in logs if (m := re.search(pattern, line))]
+        assert len(found) == 1, (pattern, [line for line in logs if "start" in line or " up " in line])
+        seconds[pattern.split(" ")[0]] = found[0]
+    assert seconds["Serve's"] <= seconds["services"] and seconds["learner"] <= seconds["services"], seconds
+    assert seconds["the"] <= seconds["services"], seconds
+    if not resumed:  # a fresh run deploys the apps before the learners are waited for
+        assert seconds["Serve's"] <= seconds["the"], seconds
+    assert seconds["Ray"] + seconds["services"] <= seconds["first"], seconds
 
 
 def assert_accounting(record: dict) -> None:
@@ -78,10 +98,15 @@ def test_reward_rises_above_chance(tmp_path, model_dir, estimator, transport):
 def test_resume_continues_step_and_cursor(tmp_path, model_dir):
     """Stop after k steps, resume with trainer.resume=auto: steps continue from k, the data cursor
     advances by exactly the prompts drawn after the resume, and the accounting spans both runs."""
-    first = launch(tmp_path, "resume", "trainer.total_steps=6", "trainer.save_freq=3", model_dir=model_dir)
+    logs: list[str] = []
+    first = launch(tmp_path, "resume", "trainer.total_steps=6", "trainer.save_freq=3", model_dir=model_dir, logs=logs)
+    assert_startup_logged(logs, resumed=False)
     state1 = json.loads((tmp_path / "resume" / "checkpoints" / "step_6" / "trainer_state.json").read_text())
     assert state1["step"] == 6 and first[-1]["step"] == 6
-    records = launch(tmp_path, "resume", "trainer.total_steps=10", "trainer.resume=auto", model_dir=model_dir)
+    logs.clear()
+    records = launch(tmp_path, "resume", "trainer.total_steps=10", "trainer.resume=auto", model_dir=model_dir,
+                     logs=logs)
+    assert_startup_logged(logs, resumed=True)
     assert [r["step"] for r in records] == list(range(1, 11))
     state2 = json.loads((tmp_path / "resume" / "checkpoints" / "step_10" / "trainer_state.json").read_text())
 
