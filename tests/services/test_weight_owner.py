@@ -101,3 +101,16 @@ def test_a_replica_keeps_its_weights_when_their_publisher_dies_and_follows_the_n
     ray.get(second.publish.remote(3))
     assert {g.policy_version for g in _generate(cfg, 3).groups} == {3}
     assert deploy.generator_handle().status.remote().result()["weight_pulls"] == 2
+
+
+def test_the_store_refuses_a_publish_that_is_not_one_ref_in_a_list(cfg):
+    """A publish must hand over [ref] (unresolved): bytes, an empty list, values, two refs, or a bare
+    ref (which Ray resolves to its value before the call) are refused with a TypeError naming what
+    came, and the version the replicas follow does not move."""
+    store = ray.get_actor(names.WEIGHT_STORE, namespace=cfg.ray.namespace)
+    version = ray.get(store.version.remote())
+    for bad, got in ((b"weights", "bytes"), ([], "list"), ([b"x"], "list"), ([ray.put(1), ray.put(2)], "list"),
+                     (ray.put([np.zeros(3, np.float32)]), "list")):
+        with pytest.raises(TypeError, match=rf"publish takes \[object ref\], got {got}"):
+            ray.get(store.publish.remote(version + 10, bad))
+    assert ray.get(store.version.remote()) == version
