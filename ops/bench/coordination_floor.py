@@ -16,7 +16,7 @@ step, reads:
    with the numpy, msgpack and standard library it calls), Ray's or Serve's otherwise.
 
 Per process it prints CPU ms per learner step, the part in Ray's native threads, the share of
-the Python samples that were ours, and an upper bound on our code's CPU: that share times the
+the Python samples that were ours (and the functions most sampled), and an upper bound on our code's CPU: that share times the
 process's whole CPU (native threads never run our code). Then the coordination share as
 measured over the window, and the floor: the same share with that upper bound taken out of both
 coordination and the job's total. The floor is what is left of coordination for the calls the
@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import COORDINATION, REPO, job_command, role_of  # noqa: E402
+from overhead import COORDINATION, REPO, job_command, job_processes  # noqa: E402
 
 OUR_DIRS = ("async_pmd/", "services/", "job/")
 
@@ -95,24 +95,6 @@ def ours_share(raw: Path) -> tuple[int, int, Counter]:
     return total, ours, where
 
 
-def processes(root_pid: int) -> dict[int, str]:
-    """pid -> role of every process of the job."""
-    import psutil
-
-    out = {}
-    try:
-        root = psutil.Process(root_pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
-        try:
-            out[p.pid] = role_of(p.cmdline(), p.pid == root_pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
-
-
 def steps_done(metrics: Path) -> int:
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
@@ -148,7 +130,7 @@ def main() -> None:
                     sys.exit(f"the job ended before its first step (exit {proc.returncode}); see {out / 'job.log'}")
                 time.sleep(0.2)
             time.sleep(args.warmup_s)
-            roles = processes(proc.pid)
+            roles = {p.pid: role for p, role, _ in job_processes(proc.pid)}
             before = {pid: thread_cpu(pid) for pid in roles}
             step0 = steps_done(metrics)
             spies = {pid: subprocess.Popen(
@@ -173,7 +155,8 @@ def main() -> None:
 def report(roles, before, after, profiles, steps, args) -> None:
     by_role: dict[str, dict[str, float]] = {}
     for pid, role in roles.items():
-        row = by_role.setdefault(role, {"cpu": 0.0, "native": 0.0, "samples": 0, "ours_samples": 0, "ours_cpu": 0.0})
+        row = by_role.setdefault(role, {"cpu": 0.0, "native": 0.0, "samples": 0, "ours_samples": 0, "ours_cpu": 0.0,
+                                        "where": Counter()})
         cpu = native = 0.0
         for tid, (name, seconds) in after.get(pid, {}).items():
             used = seconds - before.get(pid, {}).get(tid, (name, 0.0))[1]
@@ -182,7 +165,8 @@ def report(roles, before, after, profiles, steps, args) -> None:
         row["cpu"] += cpu
         row["native"] += native
         if pid in profiles and profiles[pid].is_file():
-            total, ours, _ = ours_share(profiles[pid])
+            total, ours, where = ours_share(profiles[pid])
+            row["where"].update(where)
             row["samples"] += total
             row["ours_samples"] += ours
             row["ours_cpu"] += cpu * ours / total if total else 0.0
@@ -199,6 +183,10 @@ def report(roles, before, after, profiles, steps, args) -> None:
                   f"{r['samples']} | {share:.0%} | {r['ours_cpu'] / steps * 1e3:.1f} |")
         else:
             print(f"| {role} | {r['cpu'] / steps * 1e3:.1f} | {r['native'] / max(r['cpu'], 1e-9):.0%} | – | – | – |")
+    print("\nour code's samples, by function (the most sampled three of each coordination process):")
+    for role, r in by_role.items():
+        if role in COORDINATION and r["where"]:
+            print(f"  {role}: " + ", ".join(f"{name} {n}" for name, n in r["where"].most_common(3)))
     coord = sum(r["cpu"] for role, r in by_role.items() if role in COORDINATION)
     ours = sum(r["ours_cpu"] for role, r in by_role.items() if role in COORDINATION)
     floor = (coord - ours) / (job_cpu - ours) if job_cpu > ours else float("nan")

@@ -78,9 +78,7 @@ class CpuSampler:
     per pid (a process that exited keeps its last reading). A benchmark may poll; actors may not."""
 
     def __init__(self, root_pid: int, period_s: float):
-        import psutil
-
-        self._psutil, self._root, self._period = psutil, root_pid, period_s
+        self._root, self._period = root_pid, period_s
         self._t0 = time.monotonic()
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, user + system seconds)
         self.seen_at: dict[int, float] = {}  # pid -> seconds after the sampler started, first reading
@@ -114,25 +112,33 @@ class CpuSampler:
         self._read()
 
     def _read(self) -> None:
-        ps = self._psutil
+        for p, role, t in job_processes(self._root):
+            self.cpu[p.pid] = (role, t.user + t.system)
+            self.seen_at.setdefault(p.pid, time.monotonic() - self._t0)
+
+
+def job_processes(root_pid: int) -> list:
+    """(process, role, CPU times) of every live process under `root_pid`, itself included."""
+    import psutil as ps
+
+    try:
+        root = ps.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except ps.NoSuchProcess:
+        return []
+    roles, out = {}, []
+    for p in procs:  # parents before children (psutil lists them in that order)
         try:
-            root = ps.Process(self._root)
-            procs = [root, *root.children(recursive=True)]
-        except ps.NoSuchProcess:
-            return
-        roles = {}
-        for p in procs:  # parents before children (psutil lists them in that order)
-            try:
-                with p.oneshot():
-                    t = p.cpu_times()
-                    parent = roles.get(p.ppid(), "")
-                    # A pebble reward worker inherits its scorer replica's title: count it there.
-                    role = parent if parent == "RewardScorer" else role_of(p.cmdline(), p.pid == self._root)
-                    roles[p.pid] = role
-                    self.cpu[p.pid] = (role, t.user + t.system)
-                    self.seen_at.setdefault(p.pid, time.monotonic() - self._t0)
-            except (ps.NoSuchProcess, ps.AccessDenied, ps.ZombieProcess):
-                continue
+            with p.oneshot():
+                t = p.cpu_times()
+                parent = roles.get(p.ppid(), "")
+                # A pebble reward worker inherits its scorer replica's title: count it there.
+                role = parent if parent == "RewardScorer" else role_of(p.cmdline(), p.pid == root_pid)
+        except (ps.NoSuchProcess, ps.AccessDenied, ps.ZombieProcess):
+            continue
+        roles[p.pid] = role
+        out.append((p, role, t))
+    return out
 
 
 # ---------------------------------------------------------------- the reference loop
