@@ -10,5 +10,5 @@ It lives outside `async_pmd/` because it imports Ray Serve (the library never do
     validate.py  validation through the running Generator and RewardScorer deployments
     restart.py   the learner-restart policy (roll everything back to the last checkpoint)
     scaling.py   change a running job's replica counts in place (`python -m async_pmd.scale`)
-    loopback.py  the Ray worker hook that keeps Serve's replica gRPC server on 127.0.0.1
+    loopback.py  the Ray worker hook that keeps Serve's replica gRPC server on the node IP (127.0.0.1 here)
 """

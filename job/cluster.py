@@ -31,10 +31,19 @@ _WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def worker_env(cfg: ClusterConfig) -> dict[str, str]:
+    """`_WORKER_ENV`, and the largest message a Serve replica's gRPC server and its callers take:
+    the driver's requests go there (`services.driver.direct_handle`) and Serve's default is 4 MiB, below
+    a batch of long responses; so `wire.max_bytes` (with room for the framing) is what refuses."""
+    grpc_max = min(cfg.wire.max_bytes + 2**20, 2**31 - 1)
+    return {**_WORKER_ENV, "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(grpc_max)}
+
+
 def init_ray(cfg: ClusterConfig) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # The worker hook binds Serve's replica gRPC server to the node's address, here and on a cluster.
     kwargs = dict(namespace=cfg.ray.namespace, include_dashboard=False, log_to_driver=True,
-                  runtime_env={"env_vars": dict(_WORKER_ENV)})
+                  runtime_env={"env_vars": worker_env(cfg), "worker_process_setup_hook": loopback.SETUP_HOOK})
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
         return
@@ -44,7 +53,6 @@ def init_ray(cfg: ClusterConfig) -> None:
     if cfg.metrics.enabled:
         kwargs["_metrics_export_port"] = cfg.metrics.export_port
         kwargs["_system_config"]["metrics_report_interval_ms"] = 1000
-    kwargs["runtime_env"]["worker_process_setup_hook"] = loopback.SETUP_HOOK
     with_retries(lambda: ray.init(address="local", num_cpus=local_cpus(cfg), _temp_dir=cfg.ray.temp_dir, **kwargs),
                  _START_RETRY_WAITS_S, cleanup=ray.shutdown)
     if ray.util.get_node_ip_address() != "127.0.0.1":

@@ -3,9 +3,11 @@
 A private local Ray binds its GCS, raylet, workers, agents and metrics port to the node IP, which
 is 127.0.0.1 when `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is set before Ray is imported (the
 launcher does that). One listener ignores the node IP: every Ray Serve replica opens an
-inter-deployment gRPC server on `[::]:0` (ray 2.60, `serve/_private/replica.py`), which our
-handles never use (they call replicas as Ray actors). `bind_serve_grpc_to_loopback` is a Ray
-worker setup hook that rebinds that server to 127.0.0.1. It patches a private Ray function, so
+inter-deployment gRPC server on `[::]:0` (ray 2.60, `serve/_private/replica.py`), which the
+RolloutDriver's handles send their requests to (`services.driver.direct_handle`) at the replica's node
+IP. `bind_serve_grpc_to_loopback` is a Ray worker setup hook that rebinds that server to the
+node's own address (127.0.0.1 on the embedded default; on a cluster, the address Ray gave it). It patches a private Ray
+function, so
 `tests/services/test_faults.py` lists the job's listening sockets to catch a Ray upgrade that
 moves it.
 """
@@ -33,13 +35,15 @@ def bind_serve_grpc_to_loopback() -> None:
 
 
 def _patch(module) -> None:
+    from ray.util import get_node_ip_address
+
     original = module.add_port_to_grpc_server
     if getattr(original, "_loopback", False):
         return
 
     def add_port(server, address: str):
-        if address.startswith(_ANY_HOST):
-            address = "127.0.0.1:" + address[len(_ANY_HOST):]
+        if address.startswith(_ANY_HOST):  # the node's own address: 127.0.0.1 on the embedded default
+            address = f"{get_node_ip_address()}:{address[len(_ANY_HOST):]}"
         return original(server, address)
 
     add_port._loopback = True

@@ -132,6 +132,20 @@ def listening_sockets() -> list[tuple[str, str, int]]:
     return found
 
 
+def driver_connections_to_serve_grpc() -> list[int]:
+    """The RolloutDriver process's open TCP connections to a generator replica's Serve gRPC server
+    (the port the controller lists for the replica, not its Ray core worker's): their ports."""
+    from ray.serve.context import _get_global_client
+
+    running = ray.get(_get_global_client()._controller._all_running_replicas.remote())
+    ports = {r.port for d, infos in running.items() if d.app_name == names.GENERATOR_APP for r in infos}
+    me = psutil.Process()
+    drivers = [p for p in me.children(recursive=True) if "RolloutDriver" in " ".join(p.cmdline())]
+    assert len(drivers) == 1, drivers
+    return [c.raddr.port for c in drivers[0].net_connections("inet")
+            if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port in ports]
+
+
 def assert_accounting(record: dict) -> None:
     settled = sum(record[f"groups/{k}"] for k in ("trained", "filtered", "stale", "failed", "unfinished"))
     assert record["groups/dispatched"] == settled, record
@@ -173,6 +187,7 @@ def _kill_generators_and_send_bad_wire(trainer: Trainer, seen: dict, done: threa
     between two requests has nothing to re-issue)."""
     wait_for(lambda: trainer.step >= 2, done)
     seen["listeners"] = listening_sockets()
+    seen["driver_to_replica_grpc"] = driver_connections_to_serve_grpc()
     buffer = ray.get_actor(names.BUFFER, namespace=trainer.cfg.ray.namespace)
     valid = wire.encode(scored_batch(["bad-wire-0"], trainer.cfg.generator.n))
     oversized = wire.encode(scored_batch(["bad-wire-big"], trainer.cfg.generator.n, response_len=MAX_WIRE_BYTES // 32),
@@ -256,6 +271,12 @@ def test_nothing_listens_beyond_loopback(generator_run):
     listeners = generator_run.seen["listeners"]
     assert len(listeners) >= 5  # GCS, raylet, agents, workers, replicas: the listing saw the job
     assert [s for s in listeners if s[1] not in LOOPBACK] == []
+
+
+def test_the_driver_sends_requests_to_the_replicas_grpc_server(generator_run):
+    """The driver's generator requests go to the replica's own gRPC server (`services.driver.direct_handle`),
+    not as Serve's streaming Ray actor calls: its process holds a connection to that server."""
+    assert generator_run.seen["driver_to_replica_grpc"] != []
 
 
 # ---------------------------------------------------------------- learner rank killed, overload
