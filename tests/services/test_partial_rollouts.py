@@ -12,10 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from async_pmd import checkpoint
 from background_job import REPO, BackgroundJob
 
 pytestmark = pytest.mark.slow
@@ -75,6 +77,25 @@ def _partial_in(checkpoint: Path) -> tuple[int, int, int]:
     return len(groups), len(started), sum(len(r["tokens"]) for g in groups for r in g["responses"])
 
 
+def _wait_for_a_checkpoint_with_begun_responses(run: BackgroundJob, timeout_s: float = 600) -> None:
+    """Until the newest checkpoint holds an open group with a response begun. Whether one does is
+    timing: a save that lands while every open group's first segment is in flight holds none (seen
+    in CI at step 10), so each save is looked at, not only one picked by step count."""
+    deadline, seen = time.monotonic() + timeout_s, set()
+    while True:
+        assert run.proc.poll() is None, f"the job exited ({run.proc.returncode}), saves seen: {sorted(seen)}"
+        assert time.monotonic() < deadline, f"no save with a begun response in {timeout_s} s: {sorted(seen)}"
+        last = checkpoint.latest(run.run_dir)
+        if last is not None and last.name not in seen:
+            seen.add(last.name)
+            try:
+                if _partial_in(last)[1] > 0:
+                    return
+            except FileNotFoundError:  # pruned (checkpoint.max_to_keep) between the look and the read
+                pass
+        time.sleep(0.2)
+
+
 def test_sigkill_then_resume_continues_the_saved_partial_responses(tmp_path, model_dir):
     """SIGKILL the launcher's process group once a checkpoint holds open groups with tokens; the
     resumed run restores exactly those groups and tokens (not sampled again from the prompt),
@@ -82,18 +103,17 @@ def test_sigkill_then_resume_continues_the_saved_partial_responses(tmp_path, mod
     common = ("trainer.total_steps=40", "trainer.save_freq=5", "trainer.resume=auto",
               "generator.partial_rollout.segment_tokens=4")
     first = job(tmp_path, "killed", *common, model_dir=model_dir, new_session=True)
-    first.wait_for_steps(12, timeout_s=600)
+    _wait_for_a_checkpoint_with_begun_responses(first)
     os.killpg(first.proc.pid, signal.SIGKILL)
     first.proc.wait(30)
-    checkpoints = sorted((first.run_dir / "checkpoints").glob("step_*[0-9]"),
-                         key=lambda p: int(p.name.removeprefix("step_")))
-    groups, started, tokens = _partial_in(checkpoints[-1])
-    assert groups > 0 and started > 0 and tokens > 0
+    last = checkpoint.latest(first.run_dir)  # the one a resume reads: a save may have come since the look
+    groups, started, tokens = _partial_in(last)
+    assert groups > 0 and started > 0 and tokens > 0, (last.name, groups, started, tokens)
 
     second = job(tmp_path, "killed", *common, model_dir=model_dir, new_session=True)
     assert second.proc.wait(900) == 0, second.log_tail()
     records = steps_of(second.records())
-    resumed = [r for r in records if r["step"] > int(checkpoints[-1].name.removeprefix("step_"))]
+    resumed = [r for r in records if r["step"] > int(last.name.removeprefix("step_"))]
     assert resumed[0]["partial/resumed_groups"] == groups
     assert resumed[0]["partial/resumed_tokens"] == tokens
     assert resumed[-1]["partial/continued_segments"] > 0
