@@ -180,10 +180,13 @@ def ensure_tiny_model(path: str | os.PathLike, **spec: Any) -> Path:
     unknown = set(spec) - set(defaults)
     if unknown:
         raise TypeError(f"unknown tiny-model spec keys: {sorted(unknown)}; expected some of {sorted(defaults)}")
+    # Non-empty first, config.json second: a racing builder's rename makes the directory appear
+    # whole at once, so between the two looks it can only gain its config.json, never hold
+    # files without one (the other order once read "no config.json" then "not empty", CI).
+    if path.exists() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise FileExistsError(f"{path} exists but holds no config.json; remove it or pick another path")
     if (path / "config.json").exists():
         _check_spec(path, spec)
-    elif path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists but holds no config.json; remove it or pick another path")
     else:
         _write_tiny(path, {**defaults, **spec}, replace=False)
     return path
