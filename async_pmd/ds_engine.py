@@ -183,15 +183,24 @@ def init_engine(
     dropout would make π_θ differ from the generator's π_old even at θ = θ_old (layers under
     gradient checkpointing get their own `training` flag, which transformers requires to
     checkpoint). `init_method`
-    None joins through MASTER_ADDR:MASTER_PORT (a TCPStore, which torch binds to every interface);
-    `file://<path>` through a file, for ranks that share one machine.
+    None joins through a TCPStore that rank 0 hosts at MASTER_ADDR:MASTER_PORT, listening on that
+    address only (`async_pmd.rendezvous`); `file://<path>` through a file, for ranks that share one
+    machine.
     """
     import deepspeed
 
     backend = "nccl" if _chosen_accelerator() == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=learner.collective_timeout_s)
     if init_method is None:
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # no-op if this process already joined
+        if not torch.distributed.is_initialized():  # DeepSpeed's own env:// store would listen on [::]
+            from async_pmd import rendezvous
+
+            rank = int(os.environ["RANK"])
+            store = rendezvous.tcp_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                         is_master=rank == 0, timeout_s=learner.collective_timeout_s)
+            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                                 timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group formed above
     else:  # a file rendezvous needs the rank and world size spelled out
         deepspeed.init_distributed(dist_backend=backend, init_method=init_method, timeout=timeout,
                                    rank=int(os.environ["RANK"]), world_size=world_size)

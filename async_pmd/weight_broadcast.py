@@ -38,12 +38,13 @@ class Manifest:
                    shapes=tuple(tuple(t.shape) for t in state.values()))
 
 
-def host_store(world_size: int, timeout_s: float) -> dist.TCPStore:
-    """The rendezvous server rank 0 hosts, on a free port (`store.port`). It does not wait for the
-    other ranks: they connect when their engine joins. torch's TCPStore listens on every interface
-    of the node while it lives; the object-store transport opens no port at all."""
-    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False, multi_tenant=True)
+def host_store(address: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous server rank 0 hosts on its node's `address`, on a free port (`store.port`).
+    It does not wait for the other ranks: they connect when their engine joins. It listens on that
+    address only (`rendezvous.tcp_store`); the object-store transport opens no port at all."""
+    from async_pmd import rendezvous
+
+    return rendezvous.tcp_store(address, 0, world_size, is_master=True, timeout_s=timeout_s, wait_for_workers=False)
 
 
 def open_group(*, store: dist.Store | None, master_address: str, master_port: int, rank: int, world_size: int,

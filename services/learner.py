@@ -154,8 +154,8 @@ class LearnerRank:
 
         name = f"async_pmd_weights_{uuid.uuid4().hex[:12]}"
         timeout_s = self._weight_sync.timeout_s
-        store = weight_broadcast.host_store(world_size, timeout_s)
         address = ray.util.get_node_ip_address()
+        store = weight_broadcast.host_store(address, world_size, timeout_s)
         self._groups[name] = self._group_threads.submit(
             weight_broadcast.open_group, store=store, master_address=address, master_port=store.port, rank=0,
             world_size=world_size, group_name=name, backend=self._backend(), timeout_s=timeout_s)
@@ -221,8 +221,8 @@ class LearnerGroup:
         ray.get(self._pg.ready())
         port = lc.master_port or ports.find_free_port()
         # Ranks that share a node (always on a private Ray, usually under PACK) rendezvous through
-        # a fresh file there, so nothing listens for it; ranks spread over nodes need torch's
-        # TCPStore, on rank 0's node address (torch binds its server to every interface).
+        # a fresh file there, so nothing listens for it; ranks spread over nodes through a TCPStore
+        # that rank 0 hosts on its node's address only (`async_pmd.rendezvous`).
         bundle_nodes = ray.util.placement_group_table(self._pg)["bundles_to_node_id"]
         one_node = len(set(bundle_nodes.values())) == 1
         self._rendezvous = os.path.join(tempfile.gettempdir(), f"async_pmd_rendezvous_{uuid.uuid4().hex}") \

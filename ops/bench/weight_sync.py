@@ -152,7 +152,7 @@ def main() -> None:
             groups = []
             if args.transport == "collective":
                 for i, replica in enumerate(replicas):
-                    rendezvous, name = weight_broadcast.host_store(2, 300), f"bench_{size}_{i}"
+                    rendezvous, name = weight_broadcast.host_store("127.0.0.1", 2, 300), f"bench_{size}_{i}"
                     joined = replica.join.remote(rendezvous.port, name)
                     groups.append(weight_broadcast.open_group(
                         store=rendezvous, master_address="127.0.0.1", master_port=rendezvous.port, rank=0,

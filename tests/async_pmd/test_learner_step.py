@@ -342,6 +342,9 @@ ZERO3_RANK = textwrap.dedent(
                             config_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     init_s = time.perf_counter() - start
     assert all(p.numel() == 0 for p in engine.module.parameters()), "parameters not partitioned"
+    import psutil
+    listening = sorted({(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet")
+                        if c.status == psutil.CONN_LISTEN})
 
     state = ds_engine.full_state_dict(engine, 3)
     if rank == 0:
@@ -392,13 +395,14 @@ ZERO3_RANK = textwrap.dedent(
         if rank == 0:
             for n, t in state.items():
                 assert torch.allclose(t, runs["whole"][1][n], atol=1e-4, rtol=0), (name, n)
-    print(json.dumps({"rank": rank, "init_s": init_s, "metrics": metrics}))
+    print(json.dumps({"rank": rank, "init_s": init_s, "metrics": metrics, "listening": listening}))
     """
 )
 
 
 def test_zero3_two_ranks_gather_train_reset_checkpoint_export(tiny_path, tmp_path):
-    """Under real ZeRO-3 partitioning over 2 ranks: rank 0 gathers full, correct tensors by the
+    """Under real ZeRO-3 partitioning over 2 ranks (formed over rank 0's TCPStore, which listens on
+    127.0.0.1 only, as gloo does): rank 0 gathers full, correct tensors by the
     model's own names; training (with a rank that has a dummy mini-batch), reset, checkpoint
     round-trip and HF export all complete with matched collectives; micro-batches by count and
     by token budget (a rank padded with a dummy micro-batch) give the whole mini-batch's step."""
@@ -417,3 +421,8 @@ def test_zero3_two_ranks_gather_train_reset_checkpoint_export(tiny_path, tmp_pat
     reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
     print("\nZeRO-3 init_engine per rank: " + ", ".join(f"{r['init_s']:.2f} s" for r in reports))
     assert reports[0]["metrics"] == reports[1]["metrics"]  # metrics are reduced over ranks
+    # The group formed over rank 0's TCPStore on MASTER_ADDR (127.0.0.1) only: torch's own env://
+    # store, which DeepSpeed builds when nothing else did, listens on [::] (tests/async_pmd/test_rendezvous.py).
+    assert ["127.0.0.1", port] in reports[0]["listening"], reports[0]["listening"]
+    for report in reports:
+        assert all(ip == "127.0.0.1" for ip, _ in report["listening"]), report["listening"]

@@ -51,7 +51,7 @@ def _receiver(port: int, manifest: weight_broadcast.Manifest, out: mp.Queue) -> 
 def _sender(kind: str, seed: int, tiny_path: str, ports: mp.Queue) -> None:
     """Learner rank 0's side: host the rendezvous, then broadcast the state of `seed`."""
     state = _random_state(seed) if kind == "random" else _perturbed(tiny_path, seed)
-    store = weight_broadcast.host_store(2, TIMEOUT_S)
+    store = weight_broadcast.host_store("127.0.0.1", 2, TIMEOUT_S)
     ports.put(store.port)
     group = weight_broadcast.open_group(store=store, master_address="127.0.0.1", master_port=store.port, rank=0,
                                         world_size=2, group_name=GROUP, backend="gloo", timeout_s=TIMEOUT_S)
@@ -70,7 +70,7 @@ def test_every_dtype_and_shape_arrives_bit_exact():
     assert manifest.dtypes == ("float32", "bfloat16", "float16", "int64", "float32", "float32")
     assert manifest.shapes[-1] == (6, 4) and manifest.shapes[-2] == ()
     ctx = mp.get_context("spawn")
-    store = weight_broadcast.host_store(2, TIMEOUT_S)
+    store = weight_broadcast.host_store("127.0.0.1", 2, TIMEOUT_S)
     out = ctx.Queue()
     receiver = ctx.Process(target=_receiver, args=(store.port, manifest, out))
     receiver.start()

@@ -235,7 +235,7 @@ def test_weights_broadcast_over_gloo_load_into_the_engine(engine, original, toke
     from async_pmd import weight_broadcast
 
     group = "async_pmd_weights_test"
-    store = weight_broadcast.host_store(2, 60)
+    store = weight_broadcast.host_store("127.0.0.1", 2, 60)
     errors = []
 
     def engine_side(call):
