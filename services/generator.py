@@ -218,7 +218,8 @@ class Generator:
             self._engine.destroy_weight_sync_group(self._weight_group[1])
             self._weight_group = None
         world_size = 1 + self._engine.weight_sync_ranks
-        address, port, group = ray.get(sender.open_weight_group.remote(world_size))
+        address, port, group = ray.get(sender.open_weight_group.remote(
+            world_size, ray.get_runtime_context().current_actor))
         self._engine.init_weight_sync_group(
             master_address=address, master_port=port, rank_offset=1, world_size=world_size, group_name=group,
             backend=weight_broadcast.backend_for(self._cfg.num_gpus > 0))

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from async_pmd.weight_broadcast import Manifest
 
 logger = logging.getLogger(__name__)
+# How long rank 0 waits for a replica to answer whether it lives, before closing its weight group.
+RECEIVER_CHECK_S = 10.0
 
 
 class LearnerDied(RuntimeError):
@@ -82,10 +84,12 @@ class LearnerRank:
         self._refused = 0  # TrainBatch messages refused as malformed wire bytes
         self._metrics = telemetry.RoleMetrics("actor", rank=rank)
         # `collective` (rank 0): the newest weights, the broadcast groups opened by replicas (each
-        # forms in a thread of its own), and the weights pinned for each group's next send.
+        # forms in a thread of its own) with the replica that opened each, and the weights pinned
+        # for each group's next send.
         self._sending = threading.Lock()
         self._latest: tuple[Manifest, dict] | None = None
         self._groups: dict[str, Future] = {}
+        self._receivers: dict[str, ray.actor.ActorHandle | None] = {}
         self._pinned: dict[str, tuple[Manifest, dict]] = {}
         self._group_threads = ThreadPoolExecutor(thread_name_prefix="weight-group")
 
@@ -147,19 +151,61 @@ class LearnerRank:
 
     # ------------------------------------------------ `collective`: rank 0 as the weights' sender
 
-    def open_weight_group(self, world_size: int) -> tuple[str, int, str]:
-        """Host a new broadcast group for one replica (its engine ranks are 1…world_size-1) and
-        return (address, port, group name) for it to join; the group forms in the background."""
+    def open_weight_group(self, world_size: int, receiver: ray.actor.ActorHandle | None = None) -> tuple[str, int, str]:
+        """Host a new broadcast group for one replica (`receiver`; its engine ranks are
+        1…world_size-1) and return (address, port, group name) for it to join; the group forms in
+        the background. A new group is when replicas come and go, so the groups of replicas that
+        died since are closed then, in the background too (`_close_dead_weight_groups`)."""
         from async_pmd import weight_broadcast
 
         name = f"async_pmd_weights_{uuid.uuid4().hex[:12]}"
         timeout_s = self._weight_sync.timeout_s
         address = ray.util.get_node_ip_address()
         store = weight_broadcast.host_store(address, world_size, timeout_s)
-        self._groups[name] = self._group_threads.submit(
-            weight_broadcast.open_group, store=store, master_address=address, master_port=store.port, rank=0,
-            world_size=world_size, group_name=name, backend=self._backend(), timeout_s=timeout_s)
+        with self._sending:
+            others = dict(self._receivers)
+            self._groups[name] = self._group_threads.submit(
+                weight_broadcast.open_group, store=store, master_address=address, master_port=store.port, rank=0,
+                world_size=world_size, group_name=name, backend=self._backend(), timeout_s=timeout_s)
+            self._receivers[name] = receiver
+        if others:
+            self._group_threads.submit(self._close_dead_weight_groups, others)
         return address, store.port, name
+
+    def weight_groups(self) -> list[str]:
+        """The broadcast groups rank 0 holds (formed or forming)."""
+        with self._sending:
+            return sorted(self._groups)
+
+    def _close_dead_weight_groups(self, receivers: dict[str, ray.actor.ActorHandle | None]) -> None:
+        """Close each group whose replica is dead, or that failed to form. Each of those holds a
+        communicator (on NCCL, GPU memory) and its store's port until the job ends otherwise. A
+        replica that does not answer within `RECEIVER_CHECK_S` (busy sampling) counts as alive."""
+        for name, receiver in receivers.items():
+            with self._sending:
+                forming = self._groups.get(name)
+            if forming is None:
+                continue
+            if forming.done() and forming.exception() is not None:
+                self._close_weight_group(name, "it never formed")
+            elif receiver is not None:
+                try:
+                    ray.get(receiver.__ray_ready__.remote(), timeout=RECEIVER_CHECK_S)
+                except RayActorError:
+                    self._close_weight_group(name, "its replica died")
+                except ray.exceptions.GetTimeoutError:
+                    pass
+
+    def _close_weight_group(self, name: str, why: str) -> None:
+        import torch.distributed as dist
+
+        with self._sending:
+            forming = self._groups.pop(name, None)
+            self._receivers.pop(name, None)
+            self._pinned.pop(name, None)
+        logger.info("closing weight group %s: %s", name, why)
+        if forming is not None and forming.done() and forming.exception() is None:
+            dist.destroy_process_group(forming.result())
 
     def reserve_weights(self, group_name: str) -> dict:
         """Pin the newest weights for `group_name`'s next `send_weights` and return their manifest
@@ -176,10 +222,17 @@ class LearnerRank:
         """Broadcast the weights pinned for `group_name`, tensor by tensor; returns the seconds."""
         from async_pmd import weight_broadcast
 
-        group = self._groups[group_name].result(timeout=self._weight_sync.timeout_s)
-        _, state = self._pinned.pop(group_name)
+        with self._sending:
+            forming = self._groups[group_name]
+            _, state = self._pinned.pop(group_name)
+        group = forming.result(timeout=self._weight_sync.timeout_s)
         start = time.perf_counter()
-        weight_broadcast.send(state, group, device="cuda" if self._backend() == "nccl" else "cpu")
+        try:
+            weight_broadcast.send(state, group, device="cuda" if self._backend() == "nccl" else "cpu")
+        except Exception:
+            # Half a broadcast leaves the group unusable; the replica opens a new one.
+            self._close_weight_group(group_name, "a broadcast failed")
+            raise
         self._metrics.observe("weight_broadcast_seconds", time.perf_counter() - start)
         return time.perf_counter() - start
 
