@@ -40,6 +40,8 @@ from async_pmd.rewards import runner_for
 # not here: the launcher loads this module to deploy the replicas, and has no use for torch.
 
 logger = logging.getLogger(__name__)
+# How long a stopping replica waits for learner rank 0 to close its weight group.
+CLOSE_GROUP_TIMEOUT_S = 10.0
 
 
 @serve.deployment(name=names.GENERATOR_DEPLOYMENT)
@@ -56,7 +58,8 @@ class Generator:
         self._scorer_metrics = None if scorer is None else telemetry.RoleMetrics(
             "scorer", replica=serve.get_replica_context().replica_tag)
         self._weight_sync = weight_sync
-        self._weight_group: tuple[str, str] | None = None  # `collective`: (sender's actor id, group name)
+        # `collective`: (sender's actor id, group name, sender)
+        self._weight_group: tuple[str, str, ray.actor.ActorHandle] | None = None
         self._max_wire_bytes = max_wire_bytes
         self._tokenizer = load_tokenizer(model.path)
         if generator.partial_rollout.enable:  # a continuation's prompt carries the response so far
@@ -192,6 +195,17 @@ class Generator:
         self._metrics.observe("weight_pull_seconds", time.perf_counter() - start)
         self._metrics.set("policy_version", self._engine.version)
 
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica (scale-down, redeploy): learner rank 0 closes
+        this replica's weight group rather than keep it. (One that dies instead is found dead when
+        the next replica opens a group.)"""
+        joined, self._weight_group = getattr(self, "_weight_group", None), None
+        if joined is not None:
+            try:
+                ray.get(joined[2].close_weight_group.remote(joined[1]), timeout=CLOSE_GROUP_TIMEOUT_S)
+            except Exception as exc:  # the sender is gone too, or Ray is: nothing is left to close
+                logger.info("weight group %s not closed on the sender: %r", joined[1], exc)
+
     def _receive(self, sender: ray.actor.ActorHandle, sender_id: str) -> None:
         """Receive the sender's newest weights by broadcast, joining its group first if needed."""
         from async_pmd import weight_broadcast
@@ -223,6 +237,6 @@ class Generator:
         self._engine.init_weight_sync_group(
             master_address=address, master_port=port, rank_offset=1, world_size=world_size, group_name=group,
             backend=weight_broadcast.backend_for(self._cfg.num_gpus > 0))
-        self._weight_group = (sender_id, group)
+        self._weight_group = (sender_id, group, sender)
         self._stats["weight_groups_joined"] += 1
         return group

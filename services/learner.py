@@ -172,6 +172,10 @@ class LearnerRank:
             self._group_threads.submit(self._close_dead_weight_groups, others)
         return address, store.port, name
 
+    def close_weight_group(self, name: str) -> None:
+        """A replica that stops leaves its group (`Generator.__del__`)."""
+        self._close_weight_group(name, "its replica stopped")
+
     def weight_groups(self) -> list[str]:
         """The broadcast groups rank 0 holds (formed or forming)."""
         with self._sending:
@@ -203,8 +207,10 @@ class LearnerRank:
             forming = self._groups.pop(name, None)
             self._receivers.pop(name, None)
             self._pinned.pop(name, None)
+        if forming is None:
+            return
         logger.info("closing weight group %s: %s", name, why)
-        if forming is not None and forming.done() and forming.exception() is None:
+        if forming.done() and forming.exception() is None:
             dist.destroy_process_group(forming.result())
 
     def reserve_weights(self, group_name: str) -> dict:

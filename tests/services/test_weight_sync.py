@@ -70,50 +70,77 @@ def test_the_replica_receives_from_the_rebuilt_learner(run):
         assert_accounting(record)
 
 
-# ---------------------------------------------------------------- the replica killed
+# ---------------------------------------------------------------- replicas killed and scaled down
 
-REPLICA_STEPS = 60
+REPLICA_STEPS = 400
 REPLICA_KILL_AFTER = 4
+PUBLISH_EVERY = 40
 CLOSE_WAIT_S = 60.0
 
 
-def _kill_replica(trainer: Trainer, seen: dict, done: threading.Event) -> None:
-    """SIGKILL the replica once it has received weights; Serve starts another, which opens a new
-    group with rank 0. Then read rank 0's groups until only one is left (or CLOSE_WAIT_S)."""
-    wait_for(lambda: trainer.step >= REPLICA_KILL_AFTER, done)
-    rank0 = trainer.services.learners.ranks[0]
-    seen["generator_before"] = before = trainer_generator_status()
-    seen["groups_before"] = ray.get(rank0.weight_groups.remote())
-    os.kill(before["pid"], signal.SIGKILL)
-    wait_for(lambda: trainer_generator_status()["pid"] != before["pid"], done)
-    wait_for(lambda: trainer_generator_status()["weight_groups_joined"] >= 1, done)
-    seen["generator_after"] = trainer_generator_status()
+def _groups_until(rank0, count: int, done: threading.Event) -> list[str]:
+    """Rank 0's weight groups, read until there are `count` (or CLOSE_WAIT_S, or the run ends)."""
     deadline = time.monotonic() + CLOSE_WAIT_S
     while True:
-        seen["groups_after"] = ray.get(rank0.weight_groups.remote())
-        if len(seen["groups_after"]) == 1 or time.monotonic() > deadline or done.is_set():
-            break
+        groups = ray.get(rank0.weight_groups.remote())
+        if len(groups) == count or time.monotonic() > deadline or done.is_set():
+            return groups
         time.sleep(0.2)
+
+
+def _kill_then_scale_down(trainer: Trainer, seen: dict, done: threading.Event) -> None:
+    """Two replicas, each in a group with rank 0. SIGKILL one: Serve starts another, which opens
+    a group, and rank 0 closes the dead one's. Then scale to one replica: Serve stops one
+    (`Generator.__del__`) and rank 0 closes its group."""
+    from job import scaling
+
+    wait_for(lambda: trainer.step >= REPLICA_KILL_AFTER, done)
+    rank0 = trainer.services.learners.ranks[0]
+    seen["groups_before"] = _groups_until(rank0, 2, done)
+    # Killed between two broadcasts (weights every PUBLISH_EVERY steps; it holds the newest and the
+    # next is half an interval away or more): no broadcast to it fails, so only the liveness check
+    # on the next open can find it dead.
+    namespace = trainer.cfg.ray.namespace
+
+    def between_broadcasts() -> bool:
+        victim = scaling.replicas("generators")[0]
+        published = scaling.published_version(namespace)
+        return (published >= PUBLISH_EVERY and (victim.get("status") or {}).get("policy_version") == published
+                and trainer.step % PUBLISH_EVERY < PUBLISH_EVERY // 2)
+
+    wait_for(between_broadcasts, done)
+    victim = scaling.replicas("generators", with_status=False)[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: victim["pid"] not in [r["pid"] for r in scaling.replicas("generators", with_status=False)
+                                           if r["state"] == "RUNNING"]
+             and len(scaling.replicas("generators", with_status=False)) == 2, done)
+    wait_for(lambda: len(set(ray.get(rank0.weight_groups.remote())) - set(seen["groups_before"])) >= 1, done)
+    seen["groups_after_kill"] = _groups_until(rank0, 2, done)
+    seen["scaled"] = scaling.scale("generators", 1)
+    seen["groups_after_scale_down"] = _groups_until(rank0, 1, done)
     seen["step_at_check"] = trainer.step
 
 
 @pytest.fixture(scope="module")
 def replica_run(tmp_path_factory):
-    return run_job(tmp_path_factory.mktemp("collective_replica"), tmp_path_factory.mktemp("model") / "tiny",
+    return run_job(tmp_path_factory.mktemp("collective_replicas"), tmp_path_factory.mktemp("model") / "tiny",
                    "collective_replica_kill", [
                        f"trainer.total_steps={REPLICA_STEPS}", "trainer.save_freq=0", "metrics.enabled=false",
-                       "weight_sync.transport=collective"], _kill_replica)
+                       "generator.num_replicas=2", "weight_sync.transport=collective",
+                       f"weight_sync.interval={PUBLISH_EVERY}", f"buffer.max_staleness={PUBLISH_EVERY}"], _kill_then_scale_down)
 
 
-def test_rank0_closes_the_group_of_a_replica_that_died(replica_run):
+def test_rank0_closes_the_groups_of_replicas_that_died_or_stopped(replica_run):
     seen = replica_run.seen
     assert [r["step"] for r in replica_run.records] == list(range(1, REPLICA_STEPS + 1))
-    assert len(seen["groups_before"]) == 1, seen  # the first replica's
-    assert seen["generator_after"]["pid"] != seen["generator_before"]["pid"]
-    # Before, rank 0 kept the dead replica's group (its communicator and port) beside the new one
-    # (checked: without the close, 2 groups here).
-    assert len(seen["groups_after"]) == 1 and seen["groups_after"] != seen["groups_before"], seen
+    assert len(seen["groups_before"]) == 2, seen  # one group per replica
+    # Before, rank 0 kept every group it ever opened (a communicator and a port each): 3 after the
+    # kill (checked without the liveness check), 2 after the scale-down (without `__del__`).
+    after_kill = seen["groups_after_kill"]
+    assert len(after_kill) == 2 and len(set(after_kill) & set(seen["groups_before"])) == 1, seen
+    assert len(seen["scaled"]["after"]) == 1
+    after = seen["groups_after_scale_down"]
+    assert len(after) == 1 and set(after) <= set(after_kill), seen
     assert seen["step_at_check"] < REPLICA_STEPS, "the run ended before rank 0's groups were read"
-    assert replica_run.accounting["generator"]["policy_version"] >= REPLICA_STEPS - 2
     for record in replica_run.records:
         assert_accounting(record)
