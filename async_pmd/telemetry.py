@@ -96,6 +96,17 @@ METRICS: dict[str, Spec] = {
         "counter", "requests", "requests re-issued after a replica died or timed out"),
     "async_pmd_driver_backpressure_waits_total": Spec(
         "counter", "waits", "dispatch refused for staleness or buffer room"),
+    # driver, with generator.partial_rollout.enable (metrics.jsonl `partial/<x>`)
+    "async_pmd_driver_partial_segments_total": Spec(
+        "counter", "segments", "response segments received (partial rollouts)"),
+    "async_pmd_driver_partial_continued_segments_total": Spec(
+        "counter", "segments", "segments that continued a response begun in an earlier request"),
+    "async_pmd_driver_partial_completed_groups_total": Spec(
+        "counter", "groups", "groups whose every response finished, sent on to be scored"),
+    "async_pmd_driver_partial_restarts_total": Spec(
+        "counter", "responses", "begun responses sampled again: their first segment grew too stale"),
+    "async_pmd_driver_partial_open_groups": Spec("gauge", "groups", "groups with responses still being sampled"),
+    "async_pmd_driver_partial_queued_rows": Spec("gauge", "rows", "unfinished responses waiting for a request"),
     # actor: the learner ranks (one series per rank). A gauge `async_pmd_actor_<x>` is the
     # step's `actor/<x>` of metrics.jsonl (rank-local; the jsonl holds the mean over ranks).
     "async_pmd_actor_step": Spec("gauge", "steps", "learner steps applied (metrics.jsonl `step`)", _RANK),

@@ -228,6 +228,10 @@ class RolloutDriver:
                             "backpressure_waits_total": self._stats["backpressure_waits"]})
         self._metrics.set("requests_inflight", len(self._tasks))
         self._metrics.set("groups_unsettled", len(ledger.unresolved) + len(self._pending))
+        if self._pool is not None:
+            self._metrics.sync({f"partial_{k}_total": v for k, v in self._pool.stats.items()})
+            self._metrics.set("partial_open_groups", len(self._pool))
+            self._metrics.set("partial_queued_rows", self._pool.queued_rows)
 
     async def _sync_with_buffer(self, with_state: bool = False, trained_steps: int | None = None) -> dict | None:
         first, settled, status, state = await self._buffer.report.remote(self._acked, with_state, trained_steps)

@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from async_pmd import checkpoint
+from async_pmd.ports import find_free_port
 from background_job import REPO, BackgroundJob
 
 pytestmark = pytest.mark.slow
@@ -44,13 +46,38 @@ def assert_accounting(r: dict) -> None:
     assert r["groups/dispatched"] == settled, r
 
 
+def partial_metrics(port: int) -> dict[str, float]:
+    """The driver's `partial` series on Ray's metrics export port (Ray prefixes `ray_`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("ray_async_pmd_driver_partial_"):
+            series, _, value = line.rpartition(" ")
+            name = series.split("{")[0].removeprefix("ray_")
+            found[name] = found.get(name, 0.0) + float(value)
+    return found
+
+
 def test_longtail_learns_with_partial_rollouts_and_exact_accounting(tmp_path, model_dir):
     """8-token segments (up to 6 per response): the reward climbs well above its start, responses
     really span several segments and versions, every record's accounting is exact, each step
-    trains one batch, and staleness (the oldest segment's) stays within buffer.max_staleness."""
-    steps = 300
+    trains one batch, and staleness (the oldest segment's) stays within buffer.max_staleness.
+    The driver's partial counters reach Prometheus (Ray's metrics port) while it runs."""
+    steps, port = 300, find_free_port()
     run = job(tmp_path, "learn", f"trainer.total_steps={steps}", "generator.partial_rollout.segment_tokens=8",
-              model_dir=model_dir)
+              "metrics.enabled=true", f"metrics.export_port={port}", model_dir=model_dir)
+    # Counters appear once they first move; restarts need a segment older than the cap, rare here.
+    expected = {f"async_pmd_driver_partial_{k}" for k in (
+        "segments_total", "continued_segments_total", "completed_groups_total", "open_groups", "queued_rows")}
+    exported: dict[str, float] = {}
+    while run.proc.poll() is None and not (expected <= set(exported)
+                                           and exported["async_pmd_driver_partial_continued_segments_total"] > 0):
+        time.sleep(1.0)
+        try:
+            exported = partial_metrics(port)
+        except OSError:  # Ray's agent not up yet
+            pass
     assert run.proc.wait(900) == 0, run.log_tail()
     records = steps_of(run.records())
     assert [r["step"] for r in records] == list(range(1, steps + 1))
@@ -66,6 +93,10 @@ def test_longtail_learns_with_partial_rollouts_and_exact_accounting(tmp_path, mo
     assert any(r["partial/old_version_token_share"] > 0 for r in records)
     final = json.loads((run.run_dir / "accounting.json").read_text())
     assert_accounting(final)
+    assert expected <= set(exported) <= expected | {"async_pmd_driver_partial_restarts_total"}, exported
+    assert 0 < exported["async_pmd_driver_partial_continued_segments_total"] <= records[-1]["partial/continued_segments"]
+    assert exported["async_pmd_driver_partial_continued_segments_total"] \
+        < exported["async_pmd_driver_partial_segments_total"] <= records[-1]["partial/segments"]
 
 
 def _partial_in(checkpoint: Path) -> tuple[int, int, int]:
