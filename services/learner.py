@@ -154,8 +154,9 @@ class LearnerRank:
     def open_weight_group(self, world_size: int, receiver: ray.actor.ActorHandle | None = None) -> tuple[str, int, str]:
         """Host a new broadcast group for one replica (`receiver`; its engine ranks are
         1…world_size-1) and return (address, port, group name) for it to join; the group forms in
-        the background. A new group is when replicas come and go, so the groups of replicas that
-        died since are closed then, in the background too (`_close_dead_weight_groups`)."""
+        the background. Replicas open groups when they come (a restart, a scale-up), so that is
+        when rank 0 closes the groups of replicas that died since, in the background too
+        (`_close_dead_weight_groups`)."""
         from async_pmd import weight_broadcast
 
         name = f"async_pmd_weights_{uuid.uuid4().hex[:12]}"

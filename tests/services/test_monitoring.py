@@ -197,7 +197,8 @@ def prometheus(tmp_path, prometheus_bin):
 def test_dashboard_queries_return_series_from_a_real_job(tmp_path, prometheus):
     """A short job with metrics on (and a validation every 10 steps, whose gauges the trainer's
     own process sets), scraped by the real Prometheus through ops/prometheus.yml:
-    every metric appears under its async_pmd_ name (bar counters of events that did not happen),
+    every metric appears under its async_pmd_ name (bar counters of events that did not happen and
+    the partial-rollout series: this job has none),
     every PromQL expression of the Grafana dashboard returns at least one series, the export port
     and the job's Ray listen on 127.0.0.1 only, and the dashboard renders to a PNG."""
     metrics_port = free_port()
