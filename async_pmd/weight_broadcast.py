@@ -21,6 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from async_pmd import rendezvous
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -42,8 +44,6 @@ def host_store(address: str, world_size: int, timeout_s: float) -> dist.TCPStore
     """The rendezvous server rank 0 hosts on its node's `address`, on a free port (`store.port`).
     It does not wait for the other ranks: they connect when their engine joins. It listens on that
     address only (`rendezvous.tcp_store`); the object-store transport opens no port at all."""
-    from async_pmd import rendezvous
-
     return rendezvous.tcp_store(address, 0, world_size, is_master=True, timeout_s=timeout_s, wait_for_workers=False)
 
 
@@ -58,11 +58,10 @@ def open_group(*, store: dist.Store | None, master_address: str, master_port: in
         _world,
     )
 
-    timeout = timedelta(seconds=timeout_s)
     if store is None:
-        store = dist.TCPStore(master_address, master_port, world_size, is_master=False, timeout=timeout)
+        store = rendezvous.tcp_store(master_address, master_port, world_size, is_master=False, timeout_s=timeout_s)
     group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
-                                         group_name=group_name, timeout=timeout)
+                                         group_name=group_name, timeout=timedelta(seconds=timeout_s))
     # Ranks outside the default world map to themselves (SGLang registers its side so too);
     # destroy_process_group needs the entry.
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
