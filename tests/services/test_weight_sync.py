@@ -1,5 +1,5 @@
 """`weight_sync.transport: collective` through a learner death: the replica follows the new sender;
-through a replica death: learner rank 0 closes the dead replica's group.
+through a replica death and a scale-down: learner rank 0 closes the group of each replica gone.
 
 The whole job in this process (as in test_faults.py), weights broadcast from learner rank 0 to the
 torch-engine replica over gloo. The learner rank is SIGKILLed after a checkpoint; the job rebuilds
@@ -102,14 +102,16 @@ def _kill_then_scale_down(trainer: Trainer, seen: dict, done: threading.Event) -
     # on the next open can find it dead.
     namespace = trainer.cfg.ray.namespace
 
+    checked = {}
+
     def between_broadcasts() -> bool:
-        victim = scaling.replicas("generators")[0]
+        checked["victim"] = victim = scaling.replicas("generators")[0]
         published = scaling.published_version(namespace)
         return (published >= PUBLISH_EVERY and (victim.get("status") or {}).get("policy_version") == published
                 and trainer.step % PUBLISH_EVERY < PUBLISH_EVERY // 2)
 
     wait_for(between_broadcasts, done)
-    victim = scaling.replicas("generators", with_status=False)[0]
+    victim = checked["victim"]
     os.kill(victim["pid"], signal.SIGKILL)
     wait_for(lambda: victim["pid"] not in [r["pid"] for r in scaling.replicas("generators", with_status=False)
                                            if r["state"] == "RUNNING"]
